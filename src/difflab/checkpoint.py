@@ -1,0 +1,67 @@
+"""Finding, loading and checking checkpoints, with errors that say what to do."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(spec: str | Path, search_dir: str | Path) -> Path:
+    """A .ckpt file, a run folder (its checkpoints/last.ckpt), or "last": the newest last.ckpt under search_dir."""
+    if str(spec) == "last":
+        found = sorted(Path(search_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise CheckpointError(f"ckpt_path=last: no checkpoints/last.ckpt under {Path(search_dir).resolve()}; train first or pass a path")
+        return found[-1]
+    path = Path(spec)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"no checkpoints/last.ckpt in run folder {path.resolve()}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path.resolve()}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True (no code runs from the file); clear errors for foreign files."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "difflab_config" not in ckpt:
+        raise CheckpointError(f"{path} is not a difflab checkpoint (no state_dict/difflab_config): was it written by train.py?")
+    return ckpt
+
+
+def net_state_dict(ckpt: dict[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:
+    """The network's weights: EMA ones (WeightAveraging stores them under state_dict) or the raw ones."""
+    source = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+    return {k[len("net."):]: v for k, v in source.items() if k.startswith("net.")}
+
+
+def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """Raise a CheckpointError naming the missing/unexpected keys and shape differences."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"the {what} does not fit the model built from this config:"]
+    for title, items in (("missing in checkpoint", missing), ("not in model", unexpected), ("shape differs", shapes)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+    lines.append("  Use the same model=... / data=... (class count) as the run that wrote it.")
+    raise CheckpointError("\n".join(lines))

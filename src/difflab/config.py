@@ -1,0 +1,53 @@
+"""Hydra glue: resolvers used by conf/, the project root, and building objects from a composed config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_name() -> str:
+    """The command-line overrides of this job ("schedule=cosine,timesteps=512"), or "default"."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "default"
+    return HydraConfig.get().job.override_dirname or "default"
+
+
+def _sweep_group() -> str | None:
+    """For a -m sweep: one name shared by all its jobs (task + sweep folder); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hc.job.name}-{Path(hc.sweep.dir).name}"
+
+
+def register_resolvers() -> None:
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    OmegaConf.register_new_resolver("len", lambda x: len(x), replace=True)
+    OmegaConf.register_new_resolver("difflab_run_name", _run_name, replace=True)
+    OmegaConf.register_new_resolver("difflab_sweep_group", _sweep_group, replace=True)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Callbacks/loggers: a dict of named configs (entries without _target_ or null are skipped)."""
+    from hydra.utils import instantiate
+
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,60 @@
+"""The forward process, its posterior and the training objective: pure tensor math on a NoiseSchedule.
+
+Shapes: x_0, x_t, eps are (B, C, H, W); t is an integer tensor (B,) in [0, T-1].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difflab.schedules import NoiseSchedule, extract
+
+# eps_theta(x_t, t) -> eps, with any conditioning already bound
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+def q_sample(s: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    # x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
+    return extract(s.sqrt_alphas_cumprod, t, x0.ndim) * x0 + extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+
+
+def predict_x0_from_eps(s: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) eps
+    return extract(s.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - extract(s.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+
+
+def predict_eps_from_x0(s: NoiseSchedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    # eps = (sqrt(1/ab_t) x_t - x_0) / sqrt(1/ab_t - 1)
+    return (extract(s.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / extract(s.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
+
+
+def q_posterior(s: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+    # mu = beta_t sqrt(ab_{t-1}) / (1 - ab_t) x_0 + (1 - ab_{t-1}) sqrt(a_t) / (1 - ab_t) x_t
+    mean = extract(s.posterior_mean_coef1, t, x_t.ndim) * x0 + extract(s.posterior_mean_coef2, t, x_t.ndim) * x_t
+    var = extract(s.posterior_variance, t, x_t.ndim)
+    log_var = extract(s.posterior_log_variance_clipped, t, x_t.ndim)
+    return mean, var, log_var
+
+
+def sample_timesteps(batch: int, timesteps: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    # t ~ Uniform{0, ..., T-1}
+    return torch.randint(0, timesteps, (batch,), device=device, generator=generator)
+
+
+def eps_loss(
+    net: Callable[..., Tensor],
+    s: NoiseSchedule,
+    x0: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    **net_kwargs,
+) -> Tensor:
+    """L_simple per sample (shape (B,)): || eps - eps_theta(x_t, t) ||^2 averaged over pixels."""
+    x_t = q_sample(s, x0, t, noise)
+    eps_pred = net(x_t, t, **net_kwargs)
+    return F.mse_loss(eps_pred.float(), noise, reduction="none").flatten(1).mean(1)

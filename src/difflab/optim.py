@@ -1,0 +1,40 @@
+"""Learning-rate schedules as LambdaLR factories: ``factory(optimizer, total_steps) -> LRScheduler``.
+
+The multiplier is a small callable object (not a lambda) so LambdaLR saves its state in checkpoints
+and a resumed run continues the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+class WarmupDecay:
+    """lr multiplier: linear warmup 0 -> 1 over ``warmup_steps``, then decay to ``min_lr_ratio`` at ``total_steps``."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0) -> None:
+        if decay not in DECAYS:
+            raise ValueError(f"unknown lr decay {decay!r}; choose one of {DECAYS}")
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = min(int(warmup_steps), self.total_steps - 1) if decay != "constant" else int(warmup_steps)
+        self.decay = decay
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        # cosine: m = r + (1 - r) (1 + cos(pi p)) / 2 ; linear: m = r + (1 - r)(1 - p)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def warmup_decay(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0) -> LambdaLR:
+    return LambdaLR(optimizer, WarmupDecay(total_steps, warmup_steps, decay, min_lr_ratio))

@@ -1,0 +1,7 @@
+from difflab.samplers.base import SampleOutput, Sampler, spaced_timesteps
+from difflab.samplers.ddim import DDIMSampler
+from difflab.samplers.ddpm import DDPMSampler
+from difflab.samplers.dpmpp import DPMSolverPP2MSampler
+from difflab.samplers.guidance import guided_denoiser
+
+__all__ = ["DDIMSampler", "DDPMSampler", "DPMSolverPP2MSampler", "SampleOutput", "Sampler", "guided_denoiser", "spaced_timesteps"]

@@ -1,0 +1,113 @@
+"""What every sampler shares: timestep spacing, the sampling loop with chain recording, the output.
+
+Samplers take a denoiser eps_theta(x_t, t) (conditioning already bound, see guidance.py) and a
+NoiseSchedule; they know nothing of Lightning. Timesteps are 0-based; t_prev = -1 means "the clean
+image", where alpha_bar = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from difflab.diffusion import Denoiser
+from difflab.schedules import NoiseSchedule
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """Decreasing timesteps for a ``steps``-step sampler over a T-step schedule (diffusers' conventions).
+
+    trailing: round(T - k T/steps) - 1, starts at T-1 (Lin et al. 2023, "Common diffusion noise
+    schedules and sample steps are flawed"); leading: k (T // steps); linspace: linspace(0, T-1).
+    """
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, T={T}], got {steps}")
+    if spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "leading":
+        ts = (np.arange(steps) * (T // steps))[::-1]
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round().astype(np.int64)[::-1]
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    return [int(t) for t in ts]
+
+
+def alpha_bar(s: NoiseSchedule, t: int) -> Tensor:
+    """alpha_bar_t as a 0-d tensor, with alpha_bar_{-1} = 1."""
+    return s.alphas_cumprod[t] if t >= 0 else torch.ones((), device=s.alphas_cumprod.device)
+
+
+@dataclass
+class SampleOutput:
+    images: Tensor  # (N, C, H, W), float in [-1, 1] (unclamped model output)
+    chain: list[Tensor] = field(default_factory=list)  # recorded x_t, first = x_T, last = images
+    x0_chain: list[Tensor] = field(default_factory=list)  # predicted x_0 at the same steps
+    chain_t: list[int] = field(default_factory=list)  # the t of each frame (-1 = final)
+
+
+class Sampler:
+    """Subclasses define ``timesteps(T)`` and ``step(...)``; ``sample`` runs the loop."""
+
+    clip_x0: bool = True
+
+    def timesteps(self, T: int) -> list[int]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear state carried between steps (multistep solvers)."""
+
+    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """One update x_t -> x_{t_prev}; returns (x_prev, predicted x_0)."""
+        raise NotImplementedError
+
+    def predict_x0(self, s: NoiseSchedule, x_t: Tensor, t: int, eps: Tensor) -> Tensor:
+        ab = alpha_bar(s, t)
+        # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Denoiser,
+        s: NoiseSchedule,
+        x_T: Tensor,
+        generator: torch.Generator | None = None,
+        record_every: int = 0,
+        progress: bool = False,
+    ) -> SampleOutput:
+        ts = self.timesteps(s.timesteps)
+        self.reset()
+        out = SampleOutput(images=x_T)
+        x = x_T
+        if record_every:
+            out.chain.append(x.cpu()), out.x0_chain.append(torch.zeros_like(x).cpu()), out.chain_t.append(ts[0])
+        steps = list(zip(ts, ts[1:] + [-1]))
+        for i, (t, t_prev) in enumerate(_progress(steps, progress, type(self).__name__)):
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps = denoise(x, t_batch).float()
+            x, x0 = self.step(s, eps, t, t_prev, x, generator)
+            if record_every and ((i + 1) % record_every == 0 or t_prev == -1):
+                out.chain.append(x.cpu()), out.x0_chain.append(x0.cpu()), out.chain_t.append(t_prev)
+        out.images = x
+        return out
+
+
+def _progress(steps: list, enabled: bool, name: str):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=name, leave=False)
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    # drawn on the generator's device, so a CPU generator gives the same numbers on any accelerator
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)

@@ -1,0 +1,33 @@
+"""Classifier-free guidance (Ho & Salimans 2022): bind a network and its context into a Denoiser.
+
+eps = eps_c + w (eps_c - eps_u) = (1 + w) eps_c - w eps_u.  w = 0 is the plain conditional model (as
+in the DeepLearning.AI course); diffusers' guidance_scale is 1 + w. eps_u is the network with its
+learned null context, the one context dropout (p_uncond) trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from difflab.diffusion import Denoiser
+
+
+def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0, autocast_dtype: torch.dtype | None = None) -> Denoiser:
+    """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0."""
+
+    def call(x: Tensor, t: Tensor, ctx: Tensor | None, keep: Tensor | None) -> Tensor:
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            return net(x, t, ctx, keep).float()
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        if context is None:
+            return call(x, t, None, None)
+        if guidance == 0:
+            return call(x, t, context, None)
+        b = x.shape[0]
+        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device), torch.zeros(b, dtype=torch.bool, device=x.device)])
+        eps_c, eps_u = call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context]), keep).chunk(2)
+        return eps_c + guidance * (eps_c - eps_u)
+
+    return denoise

@@ -1,0 +1,98 @@
+"""Training: compose -> seed -> instantiate -> fit. ``train.py`` at the repo root calls ``train``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
+from difflab.config import instantiate_group, to_container
+
+log = logging.getLogger(__name__)
+
+
+def use_wandb_offline_without_key() -> None:
+    """W&B goes offline (never blocks on a login prompt or the network) unless a key is configured."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    log.info("W&B: no API key found, logging offline (sync later with `wandb sync <run>/wandb/offline-run-*`)")
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    net = instantiate(cfg.model)
+    schedule = instantiate(cfg.schedule)
+    module = instantiate(
+        cfg.module,
+        net=net,
+        schedule=schedule,
+        optimizer=instantiate(cfg.optim.optimizer),
+        lr_scheduler=instantiate(cfg.optim.lr_scheduler, _convert_="all"),
+        class_names=list(cfg.data.class_names),
+    )
+    module.run_config = to_container(cfg)  # not through instantiate: it would build the _target_s inside
+    return module
+
+
+def quiet_duplicate_logs() -> None:
+    """Lightning adds its own console handler; under Hydra the root logger already prints (and files) it."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    quiet_duplicate_logs()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if "wandb" in (cfg.get("logger") or {}):
+        use_wandb_offline_without_key()
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    n_params = sum(p.numel() for p in module.net.parameters())
+    log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}")
+
+    ckpt_path = None
+    if cfg.get("ckpt_path"):
+        ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name)
+        check_compatible(module, load_checkpoint(ckpt_path)["state_dict"], f"checkpoint {ckpt_path}")
+        log.info(f"resuming from {ckpt_path}")
+    elif cfg.get("init_from"):
+        init = resolve_checkpoint(cfg.init_from, Path(cfg.paths.log_dir))
+        weights = net_state_dict(load_checkpoint(init), ema=True)
+        check_compatible(module.net, weights, f"init_from checkpoint {init}")
+        module.net.load_state_dict(weights)
+        log.info(f"fine-tuning from the EMA weights of {init}")
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(to_container(cfg))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir)
+        print(f"\nRun folder: {out}")
+        if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "last_model_path", ""):
+            print(f"  checkpoints: {Path(trainer.checkpoint_callback.dirpath)}  (last: {trainer.checkpoint_callback.last_model_path})")
+        if (out / "samples").is_dir():
+            print(f"  sample grids: {out / 'samples'}")
+        for logger in loggers:
+            print(f"  {type(logger).__name__}: {logger.log_dir if hasattr(logger, 'log_dir') and logger.log_dir else logger.save_dir}")
+        shown = {k: round(v, 5) for k, v in metrics.items() if k.startswith(("val/", "train/loss"))}
+        print(f"  final metrics: {shown}")
+    return metrics
