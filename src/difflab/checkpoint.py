@@ -65,3 +65,16 @@ def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], what
             lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
     lines.append("  Use the same model=... / data=... (class count) as the run that wrote it.")
     raise CheckpointError("\n".join(lines))
+
+
+def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(net, schedule) rebuilt from the config saved in the checkpoint, with its (EMA) weights loaded."""
+    from hydra.utils import instantiate
+
+    cfg = ckpt["difflab_config"]
+    net = instantiate(cfg["model"])
+    schedule = instantiate(cfg["schedule"])
+    weights = net_state_dict(ckpt, ema=ema)
+    check_compatible(net, weights)
+    net.load_state_dict(weights)
+    return net.eval(), schedule

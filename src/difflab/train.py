@@ -29,6 +29,15 @@ def use_wandb_offline_without_key() -> None:
     log.info("W&B: no API key found, logging offline (sync later with `wandb sync <run>/wandb/offline-run-*`)")
 
 
+def finish_wandb(loggers: list) -> None:
+    """Close the W&B run: otherwise the next job of a -m sweep (same process) would log into it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def build_module(cfg: DictConfig) -> L.LightningModule:
     net = instantiate(cfg.model)
     schedule = instantiate(cfg.schedule)
@@ -64,6 +73,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}")
 
     ckpt_path = None
+    if cfg.get("require_init_from") and not cfg.get("init_from"):
+        raise ValueError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
     if cfg.get("ckpt_path"):
         ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name)
         check_compatible(module, load_checkpoint(ckpt_path)["state_dict"], f"checkpoint {ckpt_path}")
@@ -81,7 +92,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(to_container(cfg))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_wandb(loggers)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     if trainer.is_global_zero:

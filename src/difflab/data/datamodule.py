@@ -52,6 +52,7 @@ class ArrayDataModule(L.LightningDataModule):
         val_size: float | int = 0.1,
         classes: Sequence[str] | None = None,
         balanced: bool = False,
+        limit: int | None = None,
         hflip: bool = True,
         split_seed: int = 0,
         num_workers: int = 0,
@@ -63,6 +64,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.classes = list(classes) if classes else None
         self.balanced = balanced
+        self.limit = limit
         self.hflip = hflip
         self.split_seed = split_seed
         self.num_workers = num_workers
@@ -93,6 +95,10 @@ class ArrayDataModule(L.LightningDataModule):
         train_idx, val_idx = self.split(len(images_t))
         # split first, then select classes: an image held out of a full run stays held out of a subset run
         train_idx, val_idx = self.select(labels_t, train_idx), self.select(labels_t, val_idx)
+        if self.limit is not None:
+            # a random (seeded) subset, not the first rows: the files are grouped by source
+            keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.split_seed))[: self.limit]
+            train_idx = train_idx[keep.sort().values]
         self.train_set = TensorBatches(images_t[train_idx], labels_t[train_idx])
         g = torch.Generator().manual_seed(self.split_seed + 1)
         n_val = len(val_idx)

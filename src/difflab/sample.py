@@ -1,0 +1,159 @@
+"""Sampling from a trained checkpoint: grid PNG, denoising-chain GIFs, uint8 arrays for evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
+from difflab.generate import generate, to_uint8
+from difflab.images import grid, save_gif, save_png
+
+log = logging.getLogger(__name__)
+
+
+class LabelError(ValueError):
+    pass
+
+
+def class_index(label: str | int, class_names: Sequence[str]) -> int:
+    """A class name or index -> index, or a LabelError listing the labels."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        if 0 <= label < len(class_names):
+            return label
+    elif str(label) in class_names:
+        return list(class_names).index(str(label))
+    choices = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+    raise LabelError(f"unknown label {label!r}; this model knows: {choices}")
+
+
+def build_contexts(label: Any, context: Any, n: int, class_names: Sequence[str]) -> tuple[Tensor | None, int, list[str]]:
+    """-> contexts (N, K) or None, grid row length, a caption per row.
+
+    label=hero -> n hero images; label=[hero, food] or all -> n per class, one block of rows per class;
+    context={hero: 1.0, food: 0.6} or a K-vector -> n images of that mix; nothing -> n unconditional.
+    """
+    k = len(class_names)
+    if label is not None and context is not None:
+        raise LabelError("give either label= or context=, not both")
+    if context is not None:
+        vec = torch.zeros(k)
+        if isinstance(context, Mapping):
+            for name, weight in context.items():
+                vec[class_index(name, class_names)] = float(weight)
+        else:
+            values = [float(v) for v in context]
+            if len(values) != k:
+                raise LabelError(f"context has {len(values)} entries, this model has {k} classes: {list(class_names)}")
+            vec = torch.tensor(values)
+        desc = ", ".join(f"{w:g} {n}" for n, w in zip(class_names, vec.tolist()) if w)
+        return vec.expand(n, k).clone(), _row(n), [desc or "zero context"]
+    if label is None:
+        return None, _row(n), ["unconditional"]
+    if label == "all":
+        labels: list[Any] = list(range(k))
+    elif isinstance(label, (str, int)):
+        labels = [label]
+    else:
+        labels = list(label)
+    idx = [class_index(lab, class_names) for lab in labels]
+    contexts = torch.eye(k)[idx].repeat_interleave(n, 0)
+    row = n if len(idx) > 1 and n <= 16 else _row(n)
+    return contexts, row, [class_names[i] for i in idx]
+
+
+def _row(n: int) -> int:
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    """Like np.savez, but byte-identical for identical arrays (fixed zip timestamps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, buf.getvalue())
+    return path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sample(cfg: DictConfig) -> dict[str, Path]:
+    ckpt_path = resolve_checkpoint(cfg.ckpt, Path(cfg.paths.log_dir) / "train")
+    ckpt = load_checkpoint(ckpt_path)
+    device = pick_device(cfg.device)
+    net, schedule = build_from_checkpoint(ckpt, ema=cfg.ema)
+    net, schedule = net.to(device), schedule.to(device)
+    class_names = list(ckpt.get("class_names") or [])
+    if not getattr(net, "num_classes", 0):
+        class_names = []
+        if cfg.label is not None or cfg.context is not None:
+            raise LabelError(f"{ckpt_path} is an unconditional model: drop label=/context=")
+    label, context = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (cfg.label, cfg.context))
+    contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
+
+    sampler_cfg = cfg.sampler.copy()
+    if cfg.steps is not None:
+        if "steps" not in sampler_cfg:
+            raise ValueError(f"sampler {sampler_cfg._target_} runs all T steps: drop steps={cfg.steps}")
+        sampler_cfg.steps = cfg.steps
+    sampler = instantiate(sampler_cfg)
+    n_steps = len(sampler.timesteps(schedule.timesteps))
+    record_every = max(1, n_steps // cfg.frames) if cfg.gif else 0
+    shape = (net.in_channels, net.image_size, net.image_size)
+    n_total = contexts.shape[0] if contexts is not None else cfg.n
+    autocast = torch.bfloat16 if str(cfg.precision) == "bf16" else None
+
+    log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
+    start = time.perf_counter()
+    out = generate(net, schedule, sampler, n_total, shape, contexts, cfg.guidance, cfg.seed, cfg.batch_size,
+                   record_every, autocast, progress=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    folder = Path(cfg.paths.output_dir)
+    images = to_uint8(out.images)
+    files = {
+        "grid": save_png(grid(images, nrow), folder / "grid.png"),
+        "samples": save_npz(
+            folder / "samples.npz",
+            images=images.permute(0, 2, 3, 1).numpy(),  # (N, H, W, 3) uint8, as the data set files
+            labels=(contexts if contexts is not None else torch.zeros(n_total, len(class_names))).numpy().astype(np.float32),
+            class_names=np.array(class_names, dtype=str),
+        ),
+    }
+    if cfg.gif:
+        files["chain"] = save_gif([grid(x, nrow) for x in out.chain], folder / "chain.gif")
+        files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain[1:]], folder / "x0_chain.gif")
+    meta = {
+        "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
+        "seed": cfg.seed, "guidance": cfg.guidance, "rows": captions, "ema": cfg.ema, "device": str(device),
+        "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    files["meta"] = folder / "meta.json"
+    print(f"\n{n_total} images in {seconds:.2f} s ({n_total / seconds:.1f} img/s), {n_steps} {type(sampler).__name__} steps")
+    print(f"  rows: {'; '.join(captions)}")
+    for name, path in files.items():
+        print(f"  {name:9s} {path}")
+    return files

@@ -1,0 +1,96 @@
+"""sample.py end to end on a small trained checkpoint, and fine-tuning from one."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difflab.train import train
+from support import compose_cfg, read_metrics, run_script
+
+QUIET = ["~callbacks.sample_grid", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny conditional sprites model after 120 steps (loss well below the initial 1.0)."""
+    run = tmp_path_factory.mktemp("trained")
+    cfg = compose_cfg(["model=unet_tiny", "data.batch_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=120",
+                       "trainer.limit_val_batches=2", "optim.optimizer.lr=2e-3", "callbacks.ema.decay=0.9", "timesteps=100", *QUIET], run)
+    train(cfg)
+    return run
+
+
+def sample(run, out, *args):
+    result = run_script("sample.py", f"ckpt={run}", f"hydra.run.dir={out}", *args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_sample_writes_grid_gifs_npz_and_meta(trained, tmp_path):
+    result = sample(trained, tmp_path / "s", "sampler=ddim", "steps=10", "n=4", "label=[hero,food]", "seed=3")
+    folder = tmp_path / "s"
+    with np.load(folder / "samples.npz") as z:
+        assert z["images"].shape == (8, 16, 16, 3) and z["images"].dtype == np.uint8
+        assert z["labels"].shape == (8, 6) and z["labels"][:4, 0].tolist() == [1] * 4 and z["labels"][4:, 2].tolist() == [1] * 4
+        assert list(z["class_names"]) == ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
+    grid = Image.open(folder / "grid.png")
+    assert grid.size[0] >= 4 * 16 * 4  # one row per class of 4 images, upscaled 4x
+    chain = Image.open(folder / "chain.gif")
+    assert chain.n_frames == 11  # x_T and the 10 steps
+    assert Image.open(folder / "x0_chain.gif").n_frames == 10
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["steps"] == 10 and meta["rows"] == ["hero", "food"] and meta["seconds"] > 0
+    assert "img/s" in result.stdout and str(folder / "grid.png") in result.stdout
+
+
+def test_same_seed_gives_byte_identical_npz(trained, tmp_path):
+    digests = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        sample(trained, tmp_path / name, "sampler=dpmpp", "steps=5", "n=6", "label=weapon", f"seed={seed}", "gif=false")
+        digests.append(hashlib.sha256((tmp_path / name / "samples.npz").read_bytes()).hexdigest())
+    assert digests[0] == digests[1] != digests[2]
+
+
+def test_ddpm_and_context_mix(trained, tmp_path):
+    sample(trained, tmp_path / "d", "sampler=ddpm", "n=3", "context={hero:1.0,food:0.6}", "gif=false")
+    with np.load(tmp_path / "d" / "samples.npz") as z:
+        assert np.allclose(z["labels"][0], [1.0, 0, 0.6, 0, 0, 0])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["steps"] == 100 and meta["rows"] == ["1 hero, 0.6 food"]
+
+
+def test_bad_label_lists_the_labels(trained, tmp_path):
+    result = run_script("sample.py", f"ckpt={trained}", "label=dragon", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "unknown label 'dragon'" in result.stderr and "0=hero" in result.stderr and "5=side-facing" in result.stderr
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"\x00" * 100)
+    result = run_script("sample.py", f"ckpt={bogus}", f"hydra.run.dir={tmp_path / 'o'}")
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+
+
+def test_steps_with_ddpm_is_rejected(trained, tmp_path):
+    result = run_script("sample.py", f"ckpt={trained}", "sampler=ddpm", "steps=10", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "runs all T steps" in result.stderr
+
+
+def test_finetune_starts_from_the_pretrained_weights(trained, tmp_path):
+    common = ["model=unet_tiny", "timesteps=100", "data.batch_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", *QUIET]
+    fresh = compose_cfg([*common, "data.classes=[food]"], tmp_path / "fresh")
+    train(fresh)
+    tuned = compose_cfg(["experiment=sprites_finetune", f"init_from={trained}", *common], tmp_path / "tuned")
+    train(tuned)
+    first = [next(float(r["train/loss"]) for r in read_metrics(run) if r["train/loss"]) for run in (tmp_path / "fresh", tmp_path / "tuned")]
+    assert first[1] < 0.6 * first[0], first
+
+
+def test_finetune_experiment_requires_init_from(tmp_path):
+    with pytest.raises(ValueError, match="init_from="):
+        train(compose_cfg(["experiment=sprites_finetune", "model=unet_tiny"], tmp_path))
