@@ -29,3 +29,7 @@ lint: install
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache
+
+bench: install
+	$(VENV)/bin/python -m pip install -r requirements-bench.txt
+	$(PY) bench/bench.py $(ARGS)
