@@ -1,7 +1,6 @@
 """Training end to end: the CLI as users type it, sweeps, W&B offline, resume, DDP, bf16, bad input."""
 
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -125,13 +124,18 @@ def test_bf16_mixed_on_cpu_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
-    out = ok(run_script("train.py", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                        f"hydra.run.dir={tmp_path}", timeout=300))
-    assert re.search(r"GLOBAL_RANK: 1, MEMBER: 2/2", out)
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    # 2 ranks x 4 batches of 16: each rank takes half of every epoch's batches
-    assert ckpt["global_step"] == 4 and ckpt["difflab_config"]["trainer"]["devices"] == 2
+def test_ddp_two_cpu_processes_inside_a_sweep(tmp_path):
+    """Each job of a -m sweep starts its own 2 ranks, in its own folder (not the whole sweep again)."""
+    out = ok(run_script("train.py", "-m", "schedule=linear,cosine", *TINY, "trainer=ddp", "trainer.accelerator=cpu",
+                        "trainer.devices=2", f"hydra.sweep.dir={tmp_path}", timeout=600))
+    assert out.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2 and out.count("Launching 2 jobs locally") == 1
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    for job in jobs:
+        ckpt = load_checkpoint(job / "checkpoints" / "last.ckpt")
+        # 2 ranks x 4 batches of 16: each rank takes half of every epoch's batches
+        assert ckpt["global_step"] == 4 and ckpt["difflab_config"]["trainer"]["devices"] == 2
+        assert (job / "train_rank1.log").is_file()
 
 
 # bad input -----------------------------------------------------------------------------------------------

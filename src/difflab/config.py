@@ -33,9 +33,29 @@ def _sweep_group() -> str | None:
     return f"{hc.job.name}-{Path(hc.sweep.dir).name}"
 
 
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls/convolutions in hardware (without them bf16 autocast is slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def fast_precision(accelerator: str = "auto") -> str:
+    """The default trainer.precision: bf16-mixed where the hardware runs bf16 fast, else 32."""
+    import torch
+
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32"
+
+
 def register_resolvers() -> None:
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
     OmegaConf.register_new_resolver("len", lambda x: len(x), replace=True)
+    OmegaConf.register_new_resolver("fast_precision", fast_precision, replace=True)
     OmegaConf.register_new_resolver("difflab_run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("difflab_sweep_group", _sweep_group, replace=True)
 

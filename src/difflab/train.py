@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
 from difflab.config import instantiate_group, to_container
+from difflab.ddp import use_job_command_for_ddp_ranks
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ def finish_wandb(loggers: list) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def end_distributed(env_before_fit: dict[str, str]) -> None:
+    """Lightning leaves the DDP process group and its launch variables (MASTER_PORT, LOCAL_RANK, ...)
+    behind; the next job of a sweep in this process must start its own ranks."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env_before_fit)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
@@ -62,6 +72,7 @@ def quiet_duplicate_logs() -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_duplicate_logs()
+    use_job_command_for_ddp_ranks()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if "wandb" in (cfg.get("logger") or {}):
@@ -92,10 +103,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(to_container(cfg))
 
+    env = dict(os.environ)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_wandb(loggers)
+        end_distributed(env)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     if trainer.is_global_zero:
