@@ -11,6 +11,7 @@ from difflab.config import PROJECT_ROOT, instantiate_group
 from difflab.nn.unet import UNet
 from difflab.schedules import CosineSchedule, LinearSchedule
 from difflab.train import build_module
+
 from support import compose_cfg
 
 CONF = PROJECT_ROOT / "conf"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, SPRITES
 from difflab.data.cifar10 import CIFAR10DataModule, load_cifar10
 from difflab.data.sprites import SpritesDataModule, load_sprite_arrays
+
+from conftest import SHARED_DATA, SPRITES
 
 NAMES = ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
 

@@ -4,9 +4,10 @@ cluster, see slurm_shim/sitecustomize.py) while the SLURM parameters it would su
 import json
 
 from omegaconf import OmegaConf
-from support import compose_cfg, run_script
 
 from difflab.config import PROJECT_ROOT
+
+from support import compose_cfg, run_script
 
 
 def test_slurm_launcher_composes_with_one_task_per_device(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from difflab.train import train
+
 from support import compose_cfg, read_metrics, run_script
 
 QUIET = ["~callbacks.sample_grid", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from difflab.checkpoint import CheckpointError, load_checkpoint
 from difflab.train import train
+
 from support import compose_cfg, read_metrics, run_script
 
 TINY = ["model=unet_tiny", "debug=fast"]
