@@ -26,7 +26,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.base_dim))
+        features = sinusoidal_embedding(t, self.base_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class ContextEmbedding(nn.Module):

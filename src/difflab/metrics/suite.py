@@ -1,0 +1,112 @@
+"""What every evaluation needs once (feature network, classifier, cached real features, memorization
+reference), built from the metrics config group (conf/metrics/), and fresh SampleMetrics from it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from difflab.metrics.cache import real_features
+from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features
+from difflab.metrics.sampling import data_choice, dataset_name
+from difflab.metrics.scores import SampleMetrics
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+
+
+@dataclass
+class MetricsConfig:
+    feature: str = "classifier"  # classifier | inception: the network whose features FD/KID compare
+    classifier_ckpt: str = "auto"  # a path, or auto: the one in classifiers_dir trained on these classes
+    classifiers_dir: str = "data/classifiers"
+    inception_weights: str | None = None
+    inception_antialias: bool = True
+    cache_dir: str | None = "data/cache"
+    real_split: str = "train"  # the real images FD/KID compare against
+    feature_batch_size: int = 512
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    cond_acc: bool = True
+    memorization: bool = True
+    threshold: float = 0.05
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MetricsConfig:
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known - {"_target_"})
+        if unknown:
+            raise ValueError(f"unknown metrics settings {unknown}; known: {sorted(known)}")
+        out = cls(**{k: v for k, v in cfg.items() if k in known})
+        if out.real_split not in SPLITS:
+            raise ValueError(f"metrics.real_split must be one of {SPLITS}, got {out.real_split!r}")
+        return out
+
+
+class MetricsContext:
+    """Built once per run from a set-up ArrayDataModule; ``new_metrics`` gives a fresh SampleMetrics holding
+    this rank's share of the real features."""
+
+    def __init__(self, cfg: MetricsConfig, datamodule: Any, data_cfg: Mapping[str, Any], conditional: bool,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.class_names = list(datamodule.class_names)
+        self.conditional = conditional
+        self.dataset = dataset_name(data_cfg)
+        train_images = datamodule.train_set.tensors[0]
+        self.image_size = int(train_images.shape[-1])
+        self.splits = {"train": datamodule.train_set.tensors[:2], "val": datamodule.val_set.tensors[:2]}
+
+        self.classifier: ClassifierFeatures | None = None
+        if cfg.feature == "classifier" or (cfg.cond_acc and conditional):
+            self.classifier = classifier_features(cfg.classifier_ckpt, self.class_names, self.image_size, cfg.classifiers_dir,
+                                                  data_choice(data_cfg)).to(device)
+        self.feature_net: FeatureNet = build_feature_net(cfg.feature, self.classifier, cfg.inception_weights, cfg.inception_antialias).to(device)
+        self.device = device
+        self.real, _ = self.features_of(cfg.real_split)
+        self.train_images = train_images if cfg.memorization else None
+
+    def features_of(self, split: str) -> tuple[Tensor, Tensor | None]:
+        """Cached (features, classifier logits or None) of a real split."""
+        images = self.splits[split][0]
+        feats, logits = real_features(self.feature_net, images, self.dataset, split, self.cfg.cache_dir, self.cfg.feature_batch_size, self.device)
+        if self.classifier is not None and self.classifier is not self.feature_net:
+            logits = real_features(self.classifier, images, self.dataset, split, self.cfg.cache_dir, self.cfg.feature_batch_size, self.device)[1]
+        return feats, logits
+
+    def new_metrics(self, rank: int = 0, world: int = 1, seed: int = 0, sync: bool = True) -> SampleMetrics:
+        m = SampleMetrics(self.feature_net, self.classifier if self.cfg.cond_acc else None, self.class_names, self.conditional,
+                          self.train_images, self.cfg.threshold, self.cfg.kid_subsets, self.cfg.kid_subset_size, seed, sync)
+        m.to(self.device)
+        share = torch.arange(rank, len(self.real), world)
+        m.add_real(self.real[share], share)
+        return m
+
+    def reference(self, seed: int = 0) -> dict[str, Any]:
+        """The same scores for the real held-out (val) images as if they were samples, on this rank only: the
+        floor FD/KID reach at this sample size, the classifier's held-out accuracy, and the memorization
+        statistics that duplicate frames in the data set give real images."""
+        images, labels = self.splits["val"]
+        m = self.new_metrics(seed=seed, sync=False)
+        index = torch.arange(len(images))
+        for start in range(0, len(images), self.cfg.feature_batch_size):
+            part = slice(start, start + self.cfg.feature_batch_size)
+            m.update(images[part].to(self.device), labels[part].argmax(1).to(self.device), index[part].to(self.device))
+        out = m.compute()
+        out["n"] = len(images)
+        return out
+
+
+def resolve_dirs(cfg: MetricsConfig, root: str | Path) -> MetricsConfig:
+    """Relative classifier/cache folders are taken from the project root, not the working directory."""
+    for name in ("classifiers_dir", "cache_dir"):
+        value = getattr(cfg, name)
+        if value is not None and not Path(value).is_absolute():
+            setattr(cfg, name, str(Path(root) / value))
+    return cfg

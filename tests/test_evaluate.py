@@ -1,0 +1,134 @@
+"""evaluate.py end to end on a tiny untrained checkpoint: its files and table, a sweep, DDP = one process,
+the training-time callback, and the Optuna search wiring."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from difflab.metrics.classifier import ClassifierError, SmallCNN, save_classifier
+from difflab.train import build_module
+
+from support import compose_cfg, run_script
+
+CLASSES = ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
+METRIC_KEYS = ("fd", "kid", "kid_std", "cond_acc", "memorized", "nn_dist_q01", "nn_dist_q05", "nn_dist_q50")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """An untrained unet_tiny checkpoint over T=20 steps (ddpm stays quick) and a random classifier."""
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = compose_cfg(["model=unet_tiny", "logger=none", "timesteps=20"], out)
+    module = build_module(cfg)
+    ckpt = out / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "difflab_config": module.run_config, "class_names": module.class_names}, ckpt)
+    torch.manual_seed(0)
+    clf = save_classifier(out / "clf.ckpt", SmallCNN(6, channels=(8, 16)), CLASSES, 16, {}, {"val_accuracy": 0.0})
+    return {"ckpt": ckpt, "classifier": clf, "cache": out / "cache"}
+
+
+def args(tiny: dict[str, Path], n: int = 24) -> list[str]:
+    return [f"ckpt={tiny['ckpt']}", f"n={n}", "batch_size=8", f"metrics.classifier_ckpt={tiny['classifier']}",
+            f"metrics.cache_dir={tiny['cache']}", "metrics.kid_subsets=5", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false"]
+
+
+def test_evaluate_writes_its_row_and_reference(tiny, tmp_path, capsys):
+    from difflab.metrics.evaluate import evaluate
+
+    cfg = compose_cfg([*args(tiny), "steps=2"], tmp_path, config_name="evaluate")
+    row = evaluate(cfg)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["row"]["steps"] == 2 and result["row"]["n"] == 24
+    for key in METRIC_KEYS:
+        assert isinstance(result["row"][key], float), key
+    assert {f"cond_acc/{c}" for c in CLASSES} <= set(result["row"])
+    assert result["reference"]["n"] == 382 and "memorized" in result["reference"]
+    assert result["config"]["sampler"]["steps"] == 25  # the full config as given; the effective steps are in the row
+    with open(tmp_path / "results.csv") as f:
+        (csv_row,) = list(csv.DictReader(f))
+    assert float(csv_row["fd"]) == pytest.approx(row["fd"]) and csv_row["config/metrics.feature"] == "classifier"
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "nearest_train.npz").is_file()
+    table = capsys.readouterr().out
+    assert "fd" in table and "real val" in table and "cond_acc/food" in table
+
+
+def test_missing_classifier_names_the_command_that_trains_it(tiny, tmp_path):
+    from difflab.metrics.evaluate import evaluate
+
+    cfg = compose_cfg([*args(tiny), "steps=2"], tmp_path, config_name="evaluate")
+    with open_dict(cfg):
+        cfg.metrics.classifier_ckpt = "auto"
+        cfg.metrics.classifiers_dir = str(tmp_path / "none")
+    with pytest.raises(ClassifierError, match=r"python train_classifier.py data=sprites"):
+        evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_prints_and_writes_its_table(tiny, tmp_path):
+    proc = run_script("evaluate.py", *args(tiny, n=16), "sampler=dpmpp", "steps=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dpmpp (3 steps)" in proc.stdout and "real val" in proc.stdout
+    assert json.loads((tmp_path / "result.json").read_text())["row"]["sampler"] == "dpmpp"
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_table_and_plot_and_reuses_equal_jobs(tiny, tmp_path):
+    # ddpm ignores steps=: its second job reuses the first one's result
+    proc = run_script("evaluate.py", "-m", *args(tiny, n=16), "sampler=ddpm,ddim", "steps=2,4", "reference=false",
+                      f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddpm", "20"), ("ddpm", "20"), ("ddim", "2"), ("ddim", "4")]
+    assert rows[1]["reused_from"] and rows[1]["fd"] == rows[0]["fd"] and not rows[0]["reused_from"]
+    assert (tmp_path / "quality_vs_steps.png").stat().st_size > 1000
+    assert "| ddim | 4 |" in (tmp_path / "results.md").read_text()
+    assert "sweep results" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gives_the_single_process_values(tiny, tmp_path):
+    common = [*args(tiny, n=40), "steps=2", "reference=false"]
+    one = run_script("evaluate.py", *common, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script("evaluate.py", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                     f"hydra.run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "result.json").read_text())["row"]
+    r2 = json.loads((tmp_path / "two" / "result.json").read_text())["row"]
+    assert r1["world_size"] == 1 and r2["world_size"] == 2
+    for key in [*METRIC_KEYS, *(f"cond_acc/{c}" for c in CLASSES)]:
+        assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), key
+
+
+def test_training_logs_sample_quality_and_returns_val_fd(tiny, tmp_path):
+    from difflab.train import train
+
+    cfg = compose_cfg(["debug=fast", "model=unet_tiny", "callbacks=[ema,model_checkpoint,metrics]", "timesteps=20",
+                       "callbacks.metrics.n=16", "callbacks.metrics.batch_size=8", "callbacks.metrics.sampler.steps=2",
+                       f"callbacks.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.metrics.cache_dir={tiny['cache']}",
+                       "callbacks.metrics.kid_subsets=5", "callbacks.model_checkpoint.monitor=val/fd",
+                       "trainer.enable_progress_bar=false", "optimized_metric=val/fd"], tmp_path)
+    metrics = train(cfg)
+    assert {"val/fd", "val/kid", "val/cond_acc", "val/memorized"} <= set(metrics)
+    assert list((tmp_path / "checkpoints").glob("epoch*.ckpt"))  # ModelCheckpoint(monitor=val/fd) saved one
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_two_trials_minimising_val_fd(tiny, tmp_path):
+    proc = run_script(
+        "train.py", "hparams_search=sprites_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        "debug=fast", "model=unet_tiny", "trainer.max_epochs=1", "~callbacks.sample_grid",
+        "~callbacks.progress_bar", "callbacks.metrics.n=16", "callbacks.metrics.batch_size=8", "callbacks.metrics.sampler.steps=2",
+        f"callbacks.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.metrics.cache_dir={tiny['cache']}",
+        "callbacks.metrics.kid_subsets=5", f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "optim.optimizer.lr" in best

@@ -1,0 +1,229 @@
+"""The metrics: FD/KID behave as distances, accuracy matches the classifier's report, the real-feature cache,
+memorization distances, the sample plan, and the offline errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from difflab.metrics import cache as cache_mod
+from difflab.metrics.cache import real_features
+from difflab.metrics.classifier import ClassifierError, SmallCNN, find_classifier, load_classifier, save_classifier
+from difflab.metrics.features import ClassifierFeatures, InceptionUnavailable, inception_weights_path
+from difflab.metrics.sampling import SamplePlan, generate_chunk
+from difflab.metrics.scores import KernelDistance, SampleMetrics, nearest_train
+from difflab.metrics.suite import MetricsConfig, MetricsContext
+
+from support import compose_cfg
+
+CLASSES = ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
+
+
+@pytest.fixture(scope="module")
+def sprites():
+    """The sprite DataModule, set up (train/val uint8 tensors)."""
+    cfg = compose_cfg([], "/tmp/unused")
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.setup()
+    return dm
+
+
+def random_classifier(seed: int = 0) -> ClassifierFeatures:
+    torch.manual_seed(seed)
+    net = SmallCNN(len(CLASSES), channels=(8, 16)).eval()
+    return ClassifierFeatures(net, {"class_names": CLASSES, "image_size": 16, "path": "random"})
+
+
+def noisy(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (images.float() + sigma * torch.randn(images.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+
+
+def scores(features_net, real: torch.Tensor, fake: torch.Tensor, **kw) -> dict:
+    m = SampleMetrics(features_net, None, CLASSES, conditional=False, kid_subset_size=150, kid_subsets=4, sync=False, **kw)
+    real_feats, _ = real_features(features_net, real, "t", "train", None)
+    m.add_real(real_feats, torch.arange(len(real)))
+    m.update(fake, None, torch.arange(len(fake)))
+    return m.compute()
+
+
+def test_fd_and_kid_are_zero_on_the_same_set_and_grow_with_noise(sprites):
+    net = random_classifier()
+    real = sprites.train_set.tensors[0][:300]
+    same = scores(net, real, real)
+    assert abs(same["fd"]) < 1e-6 * (1 + abs(scores(net, real, noisy(real, 8))["fd"]))
+    assert abs(same["kid"]) < 1e-3
+    fds, kids = [], []
+    for sigma in (8, 24, 64):
+        s = scores(net, real, noisy(real, sigma))
+        fds.append(s["fd"])
+        kids.append(s["kid"])
+    assert 0 < fds[0] < fds[1] < fds[2]
+    assert kids[0] < kids[1] < kids[2] and kids[2] > 0
+
+
+def test_kid_does_not_depend_on_how_samples_were_split():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 16, generator=g), torch.randn(250, 16, generator=g) + 0.3
+    one = KernelDistance(subsets=10, subset_size=100, seed=3)
+    one.update(real, torch.arange(300), real=True)
+    one.update(fake, torch.arange(250), real=False)
+    two = KernelDistance(subsets=10, subset_size=100, seed=3)
+    # the "rank 1" share first, in a different chunking
+    for idx in (torch.arange(1, 250, 2), torch.arange(0, 250, 2)):
+        two.update(fake[idx], idx, real=False)
+    for idx in (torch.arange(150, 300), torch.arange(0, 150)):
+        two.update(real[idx], idx, real=True)
+    assert torch.allclose(torch.stack(one.compute()), torch.stack(two.compute()), atol=1e-12)
+
+
+def test_nearest_train_distance_finds_copies_and_mirror_images(sprites):
+    train = sprites.train_set.tensors[0][:500]
+    copies = torch.cat([train[:10], train[10:20].flip(-1)])
+    d, nearest = nearest_train(copies, train)
+    assert d.max() < 1e-3
+    assert (nearest[:10] == torch.arange(10)).all()
+    d_noisy, _ = nearest_train(noisy(train[:20], 40), train)
+    assert (d_noisy > 0.05).all()
+
+
+def test_real_feature_cache_is_reused_and_invalidated(tmp_path, sprites, monkeypatch):
+    net = random_classifier()
+    images = sprites.val_set.tensors[0]
+    calls = []
+    original = cache_mod.extract
+    monkeypatch.setattr(cache_mod, "extract", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    first, _ = real_features(net, images, "sprites", "val", tmp_path)
+    second, _ = real_features(net, images, "sprites", "val", tmp_path)
+    assert len(calls) == 1 and torch.equal(first, second)  # the second call did no feature pass
+
+    net.preprocessing = "uint8/255"  # a different preprocessing: a different key
+    real_features(net, images, "sprites", "val", tmp_path)
+    assert len(calls) == 2
+    real_features(net, images[:-1], "sprites", "val", tmp_path)  # different images (e.g. another split)
+    assert len(calls) == 3
+    real_features(random_classifier(seed=1), images, "sprites", "val", tmp_path)  # different weights
+    assert len(calls) == 4
+    assert len(list(tmp_path.glob("*.pt"))) == 4
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory):
+    """A classifier trained for a few batches by the real entry point's code; its report is what it wrote."""
+    from difflab.metrics.train_classifier import train_classifier
+
+    out = tmp_path_factory.mktemp("clf")
+    cfg = compose_cfg(["trainer.max_epochs=1", "++trainer.limit_train_batches=3", "++trainer.limit_val_batches=1",
+                       "logger=none", "trainer.enable_progress_bar=false", "net.channels=[8,16]"], out, config_name="classifier")
+    with open_dict(cfg):
+        cfg.output = str(out / "sprites.ckpt")
+    train_classifier(cfg)
+    return Path(cfg.output)
+
+
+def test_accuracy_on_real_held_out_images_equals_the_reported_accuracy(trained_classifier, sprites):
+    net, info = load_classifier(trained_classifier)
+    cfg = MetricsConfig(classifier_ckpt=str(trained_classifier), cache_dir=None, memorization=False, kid_subsets=2)
+    ctx = MetricsContext(cfg, sprites, {}, conditional=True)
+    ref = ctx.reference()
+    report = info["report"]
+    assert ref["cond_acc"] == pytest.approx(report["val_accuracy"], abs=1e-9)
+    for name, acc in report["val_accuracy_per_class"].items():
+        assert ref[f"cond_acc/{name}"] == pytest.approx(acc, abs=1e-9)
+    assert ref["n"] == report["n_val"] == len(sprites.val_set)
+
+
+def test_classifier_is_found_by_its_classes_and_missing_one_says_how_to_train(tmp_path, trained_classifier):
+    assert find_classifier("auto", CLASSES, 16, trained_classifier.parent, "sprites") == trained_classifier
+    with pytest.raises(ClassifierError, match=r"python train_classifier.py data=cifar10"):
+        find_classifier("auto", ["airplane"] * 10, 32, trained_classifier.parent, "cifar10")
+    with pytest.raises(ClassifierError, match=r"python train_classifier.py data=sprites"):
+        find_classifier(str(tmp_path / "nope.ckpt"), CLASSES, 16, tmp_path, "sprites")
+
+
+def test_saved_classifier_round_trips(tmp_path):
+    net = SmallCNN(6, channels=(8, 16))
+    path = save_classifier(tmp_path / "c.ckpt", net, CLASSES, 16, {"x": 1}, {"val_accuracy": 0.5})
+    loaded, info = load_classifier(path)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(x), net.eval()(x)) and info["report"]["val_accuracy"] == 0.5
+
+
+def test_inception_without_weights_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr("difflab.metrics.features.reachable", lambda *a: False)
+    with pytest.raises(InceptionUnavailable, match=r"metrics.inception_weights=.*weights-inception-2015-12-05"):
+        inception_weights_path(None)
+    with pytest.raises(InceptionUnavailable, match="does not exist"):
+        inception_weights_path(str(tmp_path / "missing.pth"))
+    cached = tmp_path / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    cached.parent.mkdir()
+    cached.write_bytes(b"x")
+    assert inception_weights_path(None) == str(cached)  # the hub cache is used without the network
+
+
+def test_sample_plan_shares_are_disjoint_and_their_union_independent_of_world_size():
+    plan = SamplePlan(n=100, batch_size=16, seed=1, num_classes=6, classes=range(6))
+    for world in (1, 2, 3, 8):
+        shares = [plan.chunks_for(r, world) for r in range(world)]
+        flat = [c for s in shares for c in s if c >= 0]
+        assert sorted(flat) == list(range(plan.n_chunks))
+    assert plan.chunks_for(7, 8) == [-1]  # 7 chunks on 8 ranks: the last rank makes nothing
+    labels = plan.labels(torch.arange(96))
+    assert torch.bincount(labels).tolist() == [16] * 6
+    assert len({plan.chunk_seed(c) for c in range(plan.n_chunks)}) == plan.n_chunks
+
+
+def test_a_chunk_is_the_same_whoever_makes_it():
+    from difflab.nn.unet import UNet
+    from difflab.samplers import DDIMSampler
+    from difflab.schedules import LinearSchedule
+
+    torch.manual_seed(0)
+    net = UNet(16, 3, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=6, norm_groups=4)
+    sched, sampler = LinearSchedule(50), DDIMSampler(steps=2)
+    plan = SamplePlan(n=10, batch_size=4, seed=0, num_classes=6, classes=range(6))
+    a, la, ia = generate_chunk(net, sched, sampler, plan, 2)
+    generate_chunk(net, sched, sampler, plan, 0)  # another chunk in between changes nothing
+    b, lb, ib = generate_chunk(net, sched, sampler, plan, 2)
+    assert torch.equal(a, b) and ia.tolist() == [8, 9] and la.tolist() == [2, 3] and a.dtype == torch.uint8
+
+
+@pytest.mark.slow
+def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch, sprites):
+    """metrics.inception_weights=<file> works offline (random weights stand in for the real file here)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf
+
+    from difflab.metrics.features import InceptionFeatures
+
+    with monkeypatch.context() as m:  # build the network once without any weights to write a stand-in file
+        m.setattr(tf, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        torch.save(tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict(), tmp_path / "w.pth")
+    monkeypatch.setattr("difflab.metrics.features.reachable", lambda *a: pytest.fail("must not touch the network"))
+    net = InceptionFeatures(str(tmp_path / "w.pth"))
+    real = sprites.val_set.tensors[0][:10]
+    feats, logits = net.features_and_logits(real)
+    assert feats.shape == (10, 2048) and logits is None
+    assert net.cache_id().startswith("inception-") and "299" in net.preprocessing
+    same = scores(net, real, real)
+    assert abs(same["fd"]) < 1e-3 * (1 + abs(scores(net, real, noisy(real, 60))["fd"]))
+
+
+def test_shipped_sprites_classifier_still_scores_its_reported_accuracy(sprites):
+    """data/classifiers/sprites.ckpt (what metrics use by default) against today's data and split."""
+    from difflab.config import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "data" / "classifiers" / "sprites.ckpt"
+    if not path.is_file():
+        pytest.skip("no data/classifiers/sprites.ckpt (python train_classifier.py)")
+    ctx = MetricsContext(MetricsConfig(classifier_ckpt=str(path), cache_dir=None, memorization=False, kid_subsets=2), sprites, {},
+                         conditional=True)
+    report = load_classifier(path)[1]["report"]
+    assert ctx.reference()["cond_acc"] == pytest.approx(report["val_accuracy"], abs=1e-9)
