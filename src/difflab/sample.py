@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
+from difflab.config import fast_precision
 from difflab.generate import generate, to_uint8
 from difflab.images import grid, save_gif, save_png
 
@@ -97,12 +98,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 weights where asked (or, for "auto", where the hardware runs bf16 fast); float32 otherwise."""
+    precision = str(precision)
+    if precision == "auto":
+        precision = "bf16" if fast_precision(device.type).startswith("bf16") else "32"
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"precision={precision}: choose auto, 32 or bf16")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def sample(cfg: DictConfig) -> dict[str, Path]:
     ckpt_path = resolve_checkpoint(cfg.ckpt, Path(cfg.paths.log_dir) / "train")
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(cfg.device)
     net, schedule = build_from_checkpoint(ckpt, ema=cfg.ema)
-    net, schedule = net.to(device), schedule.to(device)
+    net, schedule = net.to(device, inference_dtype(cfg.precision, device)), schedule.to(device)
     class_names = list(ckpt.get("class_names") or [])
     if not getattr(net, "num_classes", 0):
         class_names = []
@@ -121,12 +132,11 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     record_every = max(1, n_steps // cfg.frames) if cfg.gif else 0
     shape = (net.in_channels, net.image_size, net.image_size)
     n_total = contexts.shape[0] if contexts is not None else cfg.n
-    autocast = torch.bfloat16 if str(cfg.precision) == "bf16" else None
 
     log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
     start = time.perf_counter()
     out = generate(net, schedule, sampler, n_total, shape, contexts, cfg.guidance, cfg.seed, cfg.batch_size,
-                   record_every, autocast, progress=True)
+                   record_every, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -148,6 +158,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     meta = {
         "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
         "seed": cfg.seed, "guidance": cfg.guidance, "rows": captions, "ema": cfg.ema, "device": str(device),
+        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -14,11 +14,17 @@ from difflab.diffusion import Denoiser
 
 
 def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0, autocast_dtype: torch.dtype | None = None) -> Denoiser:
-    """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0."""
+    """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0.
+
+    Inputs are cast to the network's own dtype (a bf16 copy of the weights samples faster on CPU than
+    autocast, which re-casts every weight at every step); the sampler's update math stays in float32.
+    """
+    dtype = next(net.parameters()).dtype
 
     def call(x: Tensor, t: Tensor, ctx: Tensor | None, keep: Tensor | None) -> Tensor:
+        ctx = ctx.to(dtype) if ctx is not None else None
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            return net(x, t, ctx, keep).float()
+            return net(x.to(dtype), t, ctx, keep).float()
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         if context is None:
