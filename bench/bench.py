@@ -20,6 +20,7 @@ for training and diffusers DDIMScheduler (same linear betas, trailing spacing, e
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import gc
 import importlib.util
@@ -71,6 +72,7 @@ class Settings:
     compile: bool = False  # torch.compile the network (compile time is spent in the warm-up steps)
     compile_mode: str | None = None  # torch.compile(mode=...)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # our models: keys set on conf/model/<preset>.yaml
+    sample_weights: str | None = None  # "bf16": sample from a bf16 copy of the weights (no autocast), as sample.py does
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -84,9 +86,10 @@ BASE_VARIANTS: dict[str, Settings] = {
 }
 
 # our models only; --channels-last adds the "-cl" variant of each selected precision, --ours-variants
-# names any of these. Add "our model, fast settings" here, e.g.
-#   "fast": Settings(autocast="bf16", channels_last=True, compile=True),
+# names any of these. "fast" is what the project does by default on hardware with fast bf16:
+# train.py's bf16-mixed training step, sample.py's bf16 weights for sampling.
 OUR_VARIANTS: dict[str, Settings] = {
+    "fast": Settings(autocast="bf16", sample_weights="bf16"),
     "fp32-cl": Settings(channels_last=True),
     "bf16-cl": Settings(autocast="bf16", channels_last=True),
 }
@@ -369,8 +372,12 @@ class Runner:
             from difflab.generate import generate
             from difflab.samplers import DDIMSampler
 
-            out = generate(self.model, self.schedule, DDIMSampler(steps=steps, eta=0.0), n, shape, contexts=ctx,
-                           seed=seed, batch_size=n, autocast_dtype=self.settings.autocast_dtype)
+            if self.settings.sample_weights == "bf16":
+                net, autocast = self.sample_net, None
+            else:
+                net, autocast = self.model, self.settings.autocast_dtype
+            out = generate(net, self.schedule, DDIMSampler(steps=steps, eta=0.0), n, shape, contexts=ctx,
+                           seed=seed, batch_size=n, autocast_dtype=autocast)
             return out.images
         self.ddim.set_timesteps(steps)
         x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
@@ -384,6 +391,8 @@ class Runner:
 
     def time_sampling(self, rc: RunConfig) -> dict[str, Any]:
         self.net.eval()
+        if self.settings.sample_weights == "bf16":
+            self.sample_net = copy.deepcopy(self.net).to(torch.bfloat16)
         _, ctx = make_inputs(self.spec, rc.sample_n, self.device, seed=1)
         for _ in range(rc.sample_warmup):
             # warm-up: the same loop and batch, fewer steps
@@ -508,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list the models and variants and exit")
     p.add_argument("--precision", default="fp32,bf16", help=f"base variants run for every model: {sorted(BASE_VARIANTS)}")
     p.add_argument("--channels-last", action="store_true", help="also run our models in channels_last (each selected precision)")
-    p.add_argument("--ours-variants", default="", help=f"extra variants for our models only: {sorted(OUR_VARIANTS)}")
+    p.add_argument("--ours-variants", default="fast", help=f"extra variants for our models only: {sorted(OUR_VARIANTS)}")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default, all cores)")
     p.add_argument("--train-batch-16", type=int, default=64)
     p.add_argument("--train-batch-32", type=int, default=16)

@@ -227,3 +227,18 @@ def test_shipped_sprites_classifier_still_scores_its_reported_accuracy(sprites):
                          conditional=True)
     report = load_classifier(path)[1]["report"]
     assert ctx.reference()["cond_acc"] == pytest.approx(report["val_accuracy"], abs=1e-9)
+
+
+def test_sample_labels_follow_the_data_class_frequencies():
+    from difflab.metrics.sampling import proportional_labels
+
+    counts = [474, 2202, 124, 277, 115, 627]  # the sprites' classes
+    labels = proportional_labels(1000, range(6), counts)
+    got = torch.bincount(labels, minlength=6)
+    expected = torch.tensor(counts, dtype=torch.float64) * 1000 / sum(counts)
+    assert got.sum() == 1000 and (got - expected).abs().max() < 1
+    # spread along the index: every chunk of 250 has each class in proportion (up to a sample or two)
+    for chunk in labels.split(250):
+        assert (torch.bincount(chunk, minlength=6) - expected / 4).abs().max() <= 2
+    # equal weights: round robin over a class subset
+    assert proportional_labels(6, [2, 4], []).tolist() == [2, 4, 2, 4, 2, 4]

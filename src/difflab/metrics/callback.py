@@ -16,7 +16,7 @@ import torch
 
 from difflab.callbacks import autocast_dtype
 from difflab.config import PROJECT_ROOT
-from difflab.metrics.sampling import SamplePlan, generate_chunk, trained_classes
+from difflab.metrics.sampling import class_plan, generate_chunk
 from difflab.metrics.suite import MetricsConfig, MetricsContext, resolve_dirs
 from difflab.samplers.base import Sampler
 
@@ -62,7 +62,7 @@ class SampleQuality(L.Callback):
         if self.context is None:  # built on first use: the classifier and real features cost nothing until then
             self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, data_cfg, conditional=k > 0, device=pl_module.device)
         ctx = self.context
-        plan = SamplePlan(self.n, self.batch_size, self.seed, k, trained_classes(data_cfg, ctx.class_names) if k else (), self.guidance)
+        plan = class_plan(self.n, self.batch_size, self.seed, k, self.guidance, data_cfg, trainer.datamodule)
         metrics = ctx.new_metrics(trainer.global_rank, trainer.world_size, self.seed)
         for chunk in plan.chunks_for(trainer.global_rank, trainer.world_size):
             if chunk >= 0:

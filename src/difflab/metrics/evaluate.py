@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from difflab.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, resolve_checkpoint
 from difflab.config import PROJECT_ROOT, instantiate_group, to_container
 from difflab.images import grid, save_png
-from difflab.metrics.sampling import SamplePlan, generate_chunk, trained_classes
+from difflab.metrics.sampling import SamplePlan, class_plan, generate_chunk
 from difflab.metrics.suite import MetricsConfig, MetricsContext, resolve_dirs
 from difflab.samplers.base import Sampler
 
@@ -167,7 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"the checkpoint's classes {class_names} differ from the data set's {list(datamodule.class_names)}")
     sampler = instantiate(sampler_cfg)
     k = getattr(net, "num_classes", 0)
-    plan = SamplePlan(cfg.n, cfg.batch_size, cfg.seed, k, trained_classes(data_cfg, datamodule.class_names) if k else (), cfg.guidance)
+    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, cfg.guidance, data_cfg, datamodule)
     mcfg = resolve_dirs(MetricsConfig.from_mapping(to_container(cfg.metrics)), PROJECT_ROOT)
     context = MetricsContext(mcfg, datamodule, data_cfg, conditional=k > 0)
 

@@ -1,8 +1,10 @@
 """Which samples to make for an evaluation, split over ranks so that the union never depends on the world size.
 
 Sample i belongs to chunk i // batch_size; a chunk is generated in one call with a seed derived from
-(seed, chunk), and sample i is made for class classes[i % len(classes)] (n / K per class). Rank r
-makes chunks r, r + W, r + 2W, ...: disjoint shares, and the same images whatever W is.
+(seed, chunk). Labels follow the class frequencies of the real images the samples are compared with
+(FD/KID compare distributions: class-balanced samples against unbalanced data would be penalised for
+the label mix alone), spread evenly along the sample index. Rank r makes chunks r, r + W, r + 2W, ...:
+disjoint shares, and the same images whatever W is.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class SamplePlan:
     num_classes: int = 0  # context width K; 0 = unconditional model
     classes: Sequence[int] = ()  # the classes to spread the samples over (all, or the trained subset)
     guidance: float = 0.0
+    weights: Sequence[float] = ()  # relative frequency of each entry of classes (the real data's); () = equal
 
     @property
     def n_chunks(self) -> int:
@@ -43,11 +46,22 @@ class SamplePlan:
     def labels(self, index: Tensor) -> Tensor | None:
         if not self.num_classes:
             return None
-        return torch.as_tensor(list(self.classes), dtype=torch.long)[index % len(self.classes)]
+        return proportional_labels(self.n, self.classes, self.weights)[index]
 
     def chunks_for(self, rank: int, world: int) -> list[int]:
         """This rank's chunks; [-1] (make nothing) when there are fewer chunks than ranks."""
         return list(range(rank, self.n_chunks, world)) or [-1]
+
+
+def proportional_labels(n: int, classes: Sequence[int], weights: Sequence[float] = ()) -> Tensor:
+    """n labels: class c gets round(n w_c / sum w) of them (largest remainder), spread evenly over 0..n-1."""
+    w = np.asarray(weights if len(weights) else [1.0] * len(classes), dtype=np.float64)
+    quota = n * w / w.sum()
+    counts = np.floor(quota).astype(int)
+    counts[np.argsort(-(quota - counts), kind="stable")[: n - counts.sum()]] += 1
+    # the j-th of m_c samples of class c sits at (j + 1/2) / m_c along the sequence
+    keys = [((j + 0.5) / m, c) for c, m in zip(classes, counts) for j in range(m)]
+    return torch.as_tensor([c for _, c in sorted(keys)], dtype=torch.long)
 
 
 def generate_chunk(net: nn.Module, schedule: NoiseSchedule, sampler: Sampler, plan: SamplePlan, chunk: int,
@@ -68,6 +82,16 @@ def trained_classes(data_cfg: Mapping[str, Any], class_names: Sequence[str]) -> 
     """The class indices the model saw: data.classes when it trained on a subset, else all."""
     subset = data_cfg.get("classes") if data_cfg else None
     return [list(class_names).index(c) for c in subset] if subset else list(range(len(class_names)))
+
+
+def class_plan(n: int, batch_size: int, seed: int, num_classes: int, guidance: float, data_cfg: Mapping[str, Any],
+               datamodule: Any) -> SamplePlan:
+    """The plan for a model with num_classes contexts (0: unconditional), labels in the training data's proportions."""
+    if not num_classes:
+        return SamplePlan(n, batch_size, seed, 0, (), guidance)
+    classes = trained_classes(data_cfg, datamodule.class_names)
+    counts = datamodule.class_counts()
+    return SamplePlan(n, batch_size, seed, num_classes, classes, guidance, [float(counts[c]) for c in classes])
 
 
 def dataset_name(data_cfg: Mapping[str, Any]) -> str:
