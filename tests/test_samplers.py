@@ -23,13 +23,7 @@ SCHEDULES = [("linear", "linear"), ("cosine", "squaredcos_cap_v2")]  # ours, dif
 SHAPE = (2, 3, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's 2 cores are shared: intra-op threads spin against each other (UNet backward 100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -16,13 +16,7 @@ K = 6  # classes of the conditional models
 HERO, FOOD = 0, 2  # two context slots
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's 2 cores are shared: intra-op threads spin against each other (backward 100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_classes: int = 0, image_size: int = 16, **kw) -> UNet:

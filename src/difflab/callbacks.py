@@ -20,6 +20,12 @@ def autocast_dtype(trainer: L.Trainer) -> torch.dtype | None:
     return AUTOCAST.get(str(trainer.precision))
 
 
+def due_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    """Every n-th epoch, and the last one (so a run always ends with an evaluation)."""
+    last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+    return (trainer.current_epoch + 1) % every_n_epochs == 0 or last_epoch
+
+
 def class_contexts(num_classes: int, per_class: int) -> torch.Tensor:
     """One-hot contexts, ``per_class`` per class, class-major: one grid row per class."""
     return torch.eye(num_classes).repeat_interleave(per_class, 0)
@@ -48,10 +54,8 @@ class SampleGrid(L.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not last_epoch:
-            return
-        self.render(trainer, pl_module)
+        if due_this_epoch(trainer, self.every_n_epochs):
+            self.render(trainer, pl_module)
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:

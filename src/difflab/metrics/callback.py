@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from difflab.callbacks import autocast_dtype
+from difflab.callbacks import autocast_dtype, due_this_epoch
 from difflab.config import PROJECT_ROOT
 from difflab.metrics.sampling import class_plan, generate_chunk
 from difflab.metrics.suite import MetricsConfig, MetricsContext, resolve_dirs
@@ -39,14 +39,10 @@ class SampleQuality(L.Callback):
         self.context: MetricsContext | None = None
         self.last: dict[str, Any] = {}
 
-    def due(self, trainer: L.Trainer) -> bool:
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch
-
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         # the same decision on every rank: all of them sample, or none
-        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not self.due(trainer):
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not due_this_epoch(trainer, self.every_n_epochs):
             return
         values = self.evaluate(trainer, pl_module)
         for key, value in values.items():
