@@ -111,3 +111,11 @@ def test_data_paths_point_inside_the_repo(tmp_path):
     cfg = compose_cfg([], tmp_path)
     assert Path(cfg.data.path) == PROJECT_ROOT / "data" / "sprites" / "pixel_sprites_16x16.npz"
     assert Path(cfg.data.path).is_file()
+
+
+def test_cifar10_brings_the_ddpm_network_and_optimizer_unless_overridden(tmp_path):
+    cfg = compose_cfg(["data=cifar10"], tmp_path)
+    assert cfg.model.base_channels == 128 and cfg.model.image_size == 32 and cfg.model.num_classes == 10
+    assert cfg.optim.optimizer.lr == 2e-4 and cfg.optim.lr_scheduler.scheduler.warmup_steps == 5000
+    cfg = compose_cfg(["data=cifar10", "model=unet_tiny", "optim=cosine"], tmp_path)
+    assert cfg.model.base_channels == 16 and cfg.optim.optimizer.lr == 1e-3
