@@ -73,6 +73,7 @@ class Settings:
     compile_mode: str | None = None  # torch.compile(mode=...)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # our models: keys set on conf/model/<preset>.yaml
     sample_weights: str | None = None  # "bf16": sample from a bf16 copy of the weights (no autocast), as sample.py does
+    fused_adamw: bool = False  # torch.optim.AdamW(fused=True)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -90,6 +91,9 @@ BASE_VARIANTS: dict[str, Settings] = {
 # train.py's bf16-mixed training step, sample.py's bf16 weights for sampling.
 OUR_VARIANTS: dict[str, Settings] = {
     "fast": Settings(autocast="bf16", sample_weights="bf16"),
+    # the other switches, one at a time on top of bf16 (module.channels_last, module.compile, optim...fused)
+    "bf16-compile": Settings(autocast="bf16", compile=True),
+    "bf16-fused": Settings(autocast="bf16", fused_adamw=True),
     "fp32-cl": Settings(channels_last=True),
     "bf16-cl": Settings(autocast="bf16", channels_last=True),
 }
@@ -297,7 +301,7 @@ class Runner:
         self.net = net
         self.params = sum(p.numel() for p in net.parameters())
         self.model = torch.compile(net, mode=settings.compile_mode) if settings.compile else net
-        self.opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0, fused=settings.fused_adamw or None)
         self.call = forward_fn(spec, self.model)
         if spec.kind == "difflab":
             from difflab.schedules import LinearSchedule
