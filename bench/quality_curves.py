@@ -13,8 +13,13 @@ from difflab.metrics.plot import line_chart
 
 
 def curve(run: Path, key: str) -> list[tuple[float, float]]:
-    with open(run / "csv" / "metrics.csv") as f:
-        return [(float(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+    points = []
+    # csv/version_N/metrics.csv, one per (re)start of the run; older runs wrote csv/metrics.csv
+    files = sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for path in files or [run / "csv" / "metrics.csv"]:
+        with open(path) as f:
+            points += [(float(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+    return points
 
 
 def main() -> None:

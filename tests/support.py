@@ -51,5 +51,9 @@ class StopAfterEpoch(L.Callback):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    """The rows of every csv/version_N/metrics.csv of a run (a resumed run has several), in version order."""
+    rows = []
+    for path in sorted((Path(run_dir) / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows

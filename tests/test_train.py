@@ -88,6 +88,12 @@ def test_resume_continues_step_count_and_lr_schedule(tmp_path):
     assert all(abs(after[s] - reference[s]) < 1e-12 for s in after), (after, reference)
     assert len(set(reference.values())) > 5  # warmup + cosine: the lr really changes along the run
 
+    # resumed into its own folder: the interrupted part's logs stay (Lightning would delete metrics.csv)
+    in_place = compose_cfg([*common, f"ckpt_path={tmp_path / 'a'}"], tmp_path / "a")
+    train(in_place)
+    steps = {int(r["step"]) for r in read_metrics(tmp_path / "a") if r.get("lr-AdamW")}
+    assert steps == set(range(15)), sorted(steps)
+
 
 def test_ckpt_path_last_finds_the_newest_run(tmp_path):
     base = ["model=unet_tiny", "debug=fast", "~callbacks.sample_grid"]
