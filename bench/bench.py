@@ -96,6 +96,8 @@ OUR_VARIANTS: dict[str, Settings] = {
     "bf16-fused": Settings(autocast="bf16", fused_adamw=True),
     "fp32-cl": Settings(channels_last=True),
     "bf16-cl": Settings(autocast="bf16", channels_last=True),
+    # the peers' layouts train without dropout; ours keep the papers' 0.1 (a random mask per activation)
+    "bf16-nodropout": Settings(autocast="bf16", model_overrides={"dropout": 0.0}),
 }
 
 
