@@ -46,6 +46,7 @@ def test_evaluate_writes_its_row_and_reference(tiny, tmp_path, capsys):
     row = evaluate(cfg)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["row"]["steps"] == 2 and result["row"]["n"] == 24
+    assert (result["row"]["schedule"], result["row"]["timesteps"]) == ("linear", 20)  # from the checkpoint's run
     for key in METRIC_KEYS:
         assert isinstance(result["row"][key], float), key
     assert {f"cond_acc/{c}" for c in CLASSES} <= set(result["row"])
@@ -57,6 +58,25 @@ def test_evaluate_writes_its_row_and_reference(tiny, tmp_path, capsys):
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "nearest_train.npz").is_file()
     table = capsys.readouterr().out
     assert "fd" in table and "real val" in table and "cond_acc/food" in table
+
+
+def test_sweep_table_names_the_checkpoint_when_a_sweep_compares_runs(tmp_path):
+    from difflab.metrics.summary import write_summary
+
+    def job(i: int, ckpt: str, schedule: str, fd: float) -> None:
+        row = {"sampler": "ddim", "steps": 25, "guidance": 0.0, "n": 100, "fd": fd, "kid": fd / 100, "ckpt": ckpt,
+               "schedule": schedule, "timesteps": 1000, "run_key": str(i)}
+        (tmp_path / f"{i}_job").mkdir(exist_ok=True)
+        (tmp_path / f"{i}_job" / "result.json").write_text(json.dumps({"row": row, "output_dir": str(tmp_path / f"{i}_job")}))
+
+    job(0, "runs/a/last.ckpt", "linear", 12.5)
+    job(1, "runs/b/last.ckpt", "cosine", 11.0)
+    lines = write_summary(tmp_path)["markdown"].read_text().splitlines()
+    assert lines[0].startswith("| ckpt | schedule | sampler |")  # timesteps are equal: no column
+    assert lines[2].startswith("| runs/a/last.ckpt | linear | ddim |") and "| 11 |" in lines[3]
+    (tmp_path / "1_job" / "result.json").unlink()
+    job(1, "runs/a/last.ckpt", "linear", 12.5)
+    assert write_summary(tmp_path)["markdown"].read_text().startswith("| sampler |")  # one run: no run columns
 
 
 def test_missing_classifier_names_the_command_that_trains_it(tiny, tmp_path):

@@ -182,6 +182,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     row: dict[str, Any] = {
         "sampler": name, "steps": n_steps, "steps_requested": cfg.get("steps"), "n": cfg.n, "guidance": cfg.guidance,
         "seed": cfg.seed, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(ckpt_path),
+        "schedule": type(schedule).__name__.removesuffix("Schedule").lower(), "timesteps": schedule.timesteps,
         **{k: v for k, v in values.items() if not k.startswith("_")},
         "seconds": round(module.seconds, 2), "images_per_second": round(cfg.n / max(module.seconds, 1e-9), 2),
         "world_size": trainer.world_size, "run_key": key, "reused_from": None,

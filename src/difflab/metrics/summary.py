@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 # the columns of the sweep table, in order (per-class accuracies and nn-distance quantiles follow)
 MAIN = ["sampler", "steps", "guidance", "n", "fd", "kid", "kid_std", "cond_acc", "memorized", "images_per_second"]
-SETTINGS = ("sampler", "guidance", "n", "seed", "ema", "feature", "ckpt")  # what tells two lines of the plot apart
+SETTINGS = ("sampler", "guidance", "n", "seed", "ema", "feature", "ckpt", "schedule", "timesteps")  # what tells two lines of the plot apart
+# shown in front of the Markdown table when they differ between rows (e.g. a sweep over checkpoints)
+RUN_COLUMNS = ("ckpt", "schedule", "timesteps")
 
 
 def _fmt(v: Any) -> str:
@@ -99,7 +101,7 @@ def write_summary(folder: Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    shown = [c for c in columns if c in MAIN]
+    shown = [c for c in RUN_COLUMNS if len({json.dumps(r.get(c)) for r in rows}) > 1] + [c for c in columns if c in MAIN]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
