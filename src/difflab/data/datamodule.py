@@ -3,7 +3,7 @@
 Batches are fetched with one tensor index per batch (``__getitems__``), not one Python call per image,
 and scaled to [-1, 1] / flipped on the device after transfer. Batches are tuples:
 train ``(x0, context)``; val ``(x0, context, noise, u)`` where the fixed ``noise`` and ``u`` in [0, 1)
-(t = floor(u T)) make the validation loss deterministic and comparable across runs and schedules.
+(t = floor(u T)) make the validation loss deterministic and comparable across runs (the same t fractions under any schedule and T).
 """
 
 from __future__ import annotations
