@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -78,8 +78,13 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return [c for c in MAIN if any(c in r for r in rows)] + list(dict.fromkeys(extra))
 
 
+def _varying(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The keys whose values differ between rows."""
+    return [k for k in keys if len({json.dumps(r.get(k)) for r in rows}) > 1]
+
+
 def _series(rows: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[float, float]]]:
-    varying = [k for k in SETTINGS if len({json.dumps(r.get(k)) for r in rows}) > 1]
+    varying = _varying(rows, SETTINGS)
     out: dict[str, list[tuple[float, float]]] = {}
     seen = set()
     for r in rows:
@@ -101,7 +106,7 @@ def write_summary(folder: Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    shown = [c for c in RUN_COLUMNS if len({json.dumps(r.get(c)) for r in rows}) > 1] + [c for c in columns if c in MAIN]
+    shown = _varying(rows, RUN_COLUMNS) + [c for c in columns if c in MAIN]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
