@@ -12,6 +12,8 @@ from difflab.nn.blocks import SelfAttention
 from difflab.nn.embeddings import sinusoidal_embedding
 from difflab.nn.unet import UNet
 
+from support import reorder_tol
+
 K = 6  # classes of the conditional models
 HERO, FOOD = 0, 2  # two context slots
 
@@ -98,9 +100,8 @@ def test_rows_are_independent() -> None:
     with torch.no_grad():
         out = model(x, t, ctx, keep)
         for i in range(3):
-            torch.testing.assert_close(
-                out[i : i + 1], model(x[i : i + 1], t[i : i + 1], ctx[i : i + 1], keep[i : i + 1]), rtol=1e-5, atol=1e-5
-            )
+            alone = model(x[i : i + 1], t[i : i + 1], ctx[i : i + 1], keep[i : i + 1])
+            assert (out[i : i + 1] - alone).abs().max() <= reorder_tol(alone, layers=8, width=9 * 32)
 
 
 def test_mixed_context() -> None:
