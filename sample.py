@@ -1,7 +1,5 @@
 """Sample from a trained model: python sample.py ckpt=<file|run dir|last> sampler=ddim steps=25 n=64 label=hero"""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -12,14 +10,10 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from difflab.checkpoint import CheckpointError
-    from difflab.sample import LabelError, sample
+    from difflab.cli import run
+    from difflab.sample import sample
 
-    try:
-        sample(cfg)
-    except (CheckpointError, LabelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(lambda: sample(cfg))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from difflab.cli import run
     from difflab.train import train
 
-    metrics = train(cfg)
+    metrics = run(lambda: train(cfg))
     return metrics.get(cfg.get("optimized_metric"))
 
 

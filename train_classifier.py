@@ -10,9 +10,10 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="classifier")
 def main(cfg: DictConfig) -> float:
+    from difflab.cli import run
     from difflab.metrics.train_classifier import train_classifier
 
-    return train_classifier(cfg)["val_accuracy"]
+    return run(lambda: train_classifier(cfg))["val_accuracy"]
 
 
 if __name__ == "__main__":

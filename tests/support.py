@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from difflab.config import PROJECT_ROOT
 
 CONF = str(PROJECT_ROOT / "conf")
+U32 = torch.finfo(torch.float32).eps / 2  # float32 unit roundoff, 2^-24
+
+
+def reorder_tol(ref: torch.Tensor, layers: int, width: int) -> float:
+    """How far two float32 evaluations of one network may differ when only their order of summation differs
+    (batch size, chunking, AMX vs AVX-512 vs AVX2 kernels): a sum of ``width`` terms in blocked/pairwise order
+    carries a relative error of about log2(width) u; ``layers`` such sums compound; x4 headroom. Relative to the
+    largest output, since the errors of a layer scale with its inputs' magnitude, not with each output's."""
+    return 4 * layers * math.log2(width) * U32 * float(ref.abs().max())
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | str, config_name: str = "train") -> DictConfig:
@@ -57,3 +68,41 @@ def read_metrics(run_dir: Path) -> list[dict]:
         with open(path) as f:
             rows += list(csv.DictReader(f))
     return rows
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAtStep(L.Callback):
+    """Raises before the batch after ``step`` optimizer steps: a run killed right after its step-``step`` checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            raise Crash(f"killed at step {trainer.global_step}")
+
+
+class RecordDraws(L.Callback):
+    """Appends "<step> <python draw> <numpy draw>" to <run>/draws.txt at every batch start (the RNG states' restore)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        import random
+
+        import numpy as np
+
+        with open(Path(trainer.default_root_dir) / "draws.txt", "a") as f:
+            f.write(f"{trainer.global_step} {random.random()!r} {np.random.rand()!r}\n")
+
+
+class PoisonBatchAt(L.Callback):
+    """Replaces the images of the batch at ``step`` by nan: a step that diverges."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))

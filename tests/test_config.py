@@ -1,5 +1,6 @@
 """Every config group option and experiment composes, resolves and builds its objects."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from difflab.config import PROJECT_ROOT, instantiate_group
+from difflab.config import PROJECT_ROOT, _run_id, instantiate_group
 from difflab.nn.unet import UNet
 from difflab.schedules import CosineSchedule, LinearSchedule
 from difflab.train import build_module
@@ -79,7 +80,7 @@ def test_optim_options_build_optimizer_and_scheduler(tmp_path, option):
 def test_callbacks_and_loggers_instantiate(tmp_path):
     cfg = compose_cfg(["logger=csv"], tmp_path)
     names = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
-    assert {"EMAWeightAveraging", "ModelCheckpoint", "LearningRateMonitor", "SampleGrid", "RichProgressBar"} <= names
+    assert {"EMA", "ModelCheckpoint", "LearningRateMonitor", "SampleGrid", "RichProgressBar"} <= names
     ema = instantiate(cfg.callbacks.ema)
     assert ema._use_buffers is False  # the schedule buffers are never averaged
     assert [type(lg).__name__ for lg in instantiate_group(cfg.logger)] == ["CSVLogger"]
@@ -102,9 +103,27 @@ def test_ddp_trainer_preset_targets_multi_gpu(tmp_path):
     assert cfg.trainer.num_nodes == 1
 
 
-def test_run_dirs_are_per_run_and_per_job():
+def test_run_folders_started_in_the_same_second_differ(monkeypatch):
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    names = {_run_id("train") for _ in range(50)}
+    assert len(names) == 50  # the same second, 50 different folders (4 random hex digits after the time stamp)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{4}", n) for n in names)
     hydra_cfg = (CONF / "hydra" / "default.yaml").read_text()
-    assert "${now:" in hydra_cfg and "${hydra.job.num}" in hydra_cfg
+    assert hydra_cfg.count("${difflab_run_id:${task_name}}") == 2 and "${hydra.job.num}" in hydra_cfg
+
+
+def test_slurm_training_jobs_keep_their_folder_across_requeues(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert _run_id("train") == _run_id("train") == "slurm-4242"  # every task and every requeue of the job
+    assert _run_id("sample").endswith(tuple("0123456789abcdef")) and not _run_id("sample").startswith("slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # a multi-task step: its ranks must agree on one folder
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert _run_id("evaluate") == "slurm-4242.0"
 
 
 def test_data_paths_point_inside_the_repo(tmp_path):

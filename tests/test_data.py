@@ -8,6 +8,7 @@ import torch
 
 from difflab.data.cifar10 import CIFAR10DataModule, load_cifar10
 from difflab.data.sprites import SpritesDataModule, load_sprite_arrays
+from difflab.errors import DataError
 
 from conftest import SHARED_DATA, SPRITES
 
@@ -129,7 +130,7 @@ def test_cifar10_with_unverified_checksums_loads_and_warns(cifar_root):
 
 
 def test_cifar10_checksum_mismatch_is_a_clear_error(cifar_root):
-    with pytest.raises(RuntimeError, match="verify_checksums=false"):
+    with pytest.raises(DataError, match="verify_checksums=false"):
         load_cifar10(cifar_root, train=True, download=False, verify_checksums=True)
 
 

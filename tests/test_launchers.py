@@ -35,6 +35,7 @@ def test_slurm_sweep_submits_each_job_with_its_config(tmp_path):
     assert submitted["cluster"] == "slurm"
     params = submitted["params"]
     assert params["slurm_partition"] == "gpu" and params["timeout_min"] == 90
+    assert submitted["init"]["slurm_max_num_timeout"] == "3"  # requeued on timeout, then resumed by ckpt_path=auto
     assert params["tasks_per_node"] == 1 == params["gpus_per_node"] and params["nodes"] == 1
     assert submitted["folder"].startswith(str(tmp_path / "sweep" / ".submitit"))
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))

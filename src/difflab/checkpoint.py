@@ -9,9 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    pass
+from difflab.errors import CheckpointError  # noqa: F401  (re-exported: callers import it from here)
 
 
 def resolve_checkpoint(spec: str | Path, search_dir: str | Path) -> Path:
@@ -59,12 +57,10 @@ def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], what
               for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
     if not (missing or unexpected or shapes):
         return
-    lines = [f"the {what} does not fit the model built from this config:"]
-    for title, items in (("missing in checkpoint", missing), ("not in model", unexpected), ("shape differs", shapes)):
-        if items:
-            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-    lines.append("  Use the same model=... / data=... (class count) as the run that wrote it.")
-    raise CheckpointError("\n".join(lines))
+    parts = [f"{title} ({len(items)}): " + "; ".join(items[:6]) + (" ..." if len(items) > 6 else "")
+             for title, items in (("missing in checkpoint", missing), ("not in model", unexpected), ("shape differs", shapes)) if items]
+    raise CheckpointError(f"the {what} does not fit the model built from this config: {' | '.join(parts)}. "
+                          "Use the same model=... / data=... (class count) as the run that wrote it")
 
 
 def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[nn.Module, nn.Module]:

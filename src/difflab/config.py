@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,28 @@ def _sweep_group() -> str | None:
     return f"{hc.job.name}-{Path(hc.sweep.dir).name}"
 
 
+def _run_id(task: str = "") -> str:
+    """A run (or sweep) folder's name that no other run shares.
+
+    Default: <date>_<time>_<4 random hex digits>. Where every process of a run computes it for itself, the
+    launcher's job identity instead, so that they agree and a requeued job finds its folder again:
+    SLURM training jobs and multi-task SLURM steps -> slurm-<job id>[_<array task>][.<step>];
+    torchrun -> <date>_<time>_torchrun-<run id>.
+    """
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if job and not env.get("SUBMITIT_EXECUTOR") and (task == "train" or int(env.get("SLURM_NTASKS", "1")) > 1):
+        if env.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm-{job}" + (f".{step}" if step else "")
+    run = env.get("TORCHELASTIC_RUN_ID")
+    if run and run != "none" and int(env.get("WORLD_SIZE", "1")) > 1:
+        return f"{stamp}_torchrun-{run}"
+    return f"{stamp}_{secrets.token_hex(2)}"
+
+
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls/convolutions in hardware (without them bf16 autocast is slower)."""
     try:
@@ -58,6 +82,8 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("fast_precision", fast_precision, replace=True)
     OmegaConf.register_new_resolver("difflab_run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("difflab_sweep_group", _sweep_group, replace=True)
+    # cached: every read of hydra.run.dir in this process (and every job of a sweep) gets the same folder
+    OmegaConf.register_new_resolver("difflab_run_id", _run_id, replace=True, use_cache=True)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

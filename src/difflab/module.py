@@ -2,6 +2,9 @@
 
 Batches arrive scaled to [-1, 1] (see data/datamodule.py). Validation runs on the EMA weights when the
 WeightAveraging callback is on (it swaps them in for the whole validation epoch).
+
+A step whose loss or gradient norm is not finite stops the run before the weights take it
+(NonFiniteLossError). Each step's randomness is seeded by the DataModule (see rng.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from difflab.diffusion import eps_loss, sample_timesteps
+from difflab.errors import NonFiniteLossError
 from difflab.schedules import NoiseSchedule
 
 
@@ -73,8 +77,33 @@ class DiffusionModule(L.LightningModule):
         else:
             loss = eps_loss(net, self.schedule, x0, t, noise)
         loss = loss.mean()
+        if self.trainer.world_size == 1 and not torch.isfinite(loss):
+            # (under DDP a rank's non-finite loss reaches every rank as a non-finite gradient norm, checked below)
+            raise self._diverged("train/loss", loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        # a grad scaler (16-mixed) skips steps with inf gradients by design; otherwise the step would write nan weights
+        finite = bool(torch.isfinite(norm))
+        if not finite and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            raise self._diverged("the gradient norm", norm)
+        if finite:
+            self.log("train/grad_norm", norm, batch_size=1)
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def _diverged(self, what: str, value: Tensor) -> NonFiniteLossError:
+        trainer = self.trainer
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        return NonFiniteLossError(
+            f"{what} is {value.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}): training stopped before "
+            f"the weights took this step, so the saved checkpoints keep finite weights. Likely fixes: a lower learning rate "
+            f"(optim.optimizer.lr, now {lr:g}), gradient clipping (trainer.gradient_clip_val=1.0, now {trainer.gradient_clip_val}), "
+            f"trainer.precision=32 (now {trainer.precision}); or check the data for nan values"
+        )
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x0, context, noise, u = batch

@@ -11,6 +11,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from difflab.errors import ConfigError
+
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -19,7 +21,7 @@ class WarmupDecay:
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0) -> None:
         if decay not in DECAYS:
-            raise ValueError(f"unknown lr decay {decay!r}; choose one of {DECAYS}")
+            raise ConfigError(f"unknown lr decay {decay!r}; choose one of {DECAYS}")
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = min(int(warmup_steps), self.total_steps - 1) if decay != "constant" else int(warmup_steps)
         self.decay = decay

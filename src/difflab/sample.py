@@ -20,14 +20,16 @@ from torch import Tensor
 
 from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
 from difflab.config import fast_precision
+from difflab.errors import ConfigError
 from difflab.generate import generate, to_uint8
 from difflab.images import grid, save_gif, save_png
+from difflab.validate import check_sampling, integer
 
 log = logging.getLogger(__name__)
 
 
-class LabelError(ValueError):
-    pass
+class LabelError(ConfigError):
+    """label= / context= that this model cannot draw."""
 
 
 def class_index(label: str | int, class_names: Sequence[str]) -> int:
@@ -54,12 +56,14 @@ def build_contexts(label: Any, context: Any, n: int, class_names: Sequence[str])
         vec = torch.zeros(k)
         if isinstance(context, Mapping):
             for name, weight in context.items():
-                vec[class_index(name, class_names)] = float(weight)
-        else:
-            values = [float(v) for v in context]
+                vec[class_index(name, class_names)] = _weight(name, weight)
+        elif isinstance(context, (list, tuple)):
+            values = [_weight(i, v) for i, v in enumerate(context)]
             if len(values) != k:
                 raise LabelError(f"context has {len(values)} entries, this model has {k} classes: {list(class_names)}")
             vec = torch.tensor(values)
+        else:
+            raise LabelError(f"context={context!r}: give a mix {{hero: 1.0, food: 0.6}} or a vector of {k} weights")
         desc = ", ".join(f"{w:g} {n}" for n, w in zip(class_names, vec.tolist()) if w)
         return vec.expand(n, k).clone(), _row(n), [desc or "zero context"]
     if label is None:
@@ -68,12 +72,24 @@ def build_contexts(label: Any, context: Any, n: int, class_names: Sequence[str])
         labels: list[Any] = list(range(k))
     elif isinstance(label, (str, int)):
         labels = [label]
-    else:
+    elif isinstance(label, (list, tuple)) and label:
         labels = list(label)
+    else:
+        raise LabelError(f"label={label!r}: give a class name or index, a list [hero, food], or all")
     idx = [class_index(lab, class_names) for lab in labels]
     contexts = torch.eye(k)[idx].repeat_interleave(n, 0)
     row = n if len(idx) > 1 and n <= 16 else _row(n)
     return contexts, row, [class_names[i] for i in idx]
+
+
+def _weight(name: Any, value: Any) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight) or weight < 0:
+        raise LabelError(f"context entry {name}={value!r}: weights must be finite numbers >= 0 (e.g. context={{hero: 1.0, food: 0.6}})")
+    return weight
 
 
 def _row(n: int) -> int:
@@ -95,7 +111,24 @@ def save_npz(path: Path, **arrays: np.ndarray) -> Path:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(str(name))
+    except RuntimeError as err:
+        raise ConfigError(f"device={name}: not a device name; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no CUDA GPU is visible here; use device=cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_request(cfg: DictConfig) -> None:
+    """The request's own values, before the checkpoint is read."""
+    check_sampling(cfg)
+    if cfg.gif:
+        integer("frames", cfg.frames, 1, " (or gif=false)")
+    if str(cfg.precision) not in ("auto", "32", "bf16"):
+        raise ConfigError(f"precision={cfg.precision}: choose auto, 32 or bf16")
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -104,11 +137,12 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         precision = "bf16" if fast_precision(device.type).startswith("bf16") else "32"
     if precision not in ("32", "bf16"):
-        raise ValueError(f"precision={precision}: choose auto, 32 or bf16")
+        raise ConfigError(f"precision={precision}: choose auto, 32 or bf16")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
+    check_request(cfg)
     ckpt_path = resolve_checkpoint(cfg.ckpt, Path(cfg.paths.log_dir) / "train")
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(cfg.device)
@@ -125,7 +159,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     sampler_cfg = cfg.sampler.copy()
     if cfg.steps is not None:
         if "steps" not in sampler_cfg:
-            raise ValueError(f"sampler {sampler_cfg._target_} runs all T steps: drop steps={cfg.steps}")
+            raise ConfigError(f"steps={cfg.steps}: sampler {sampler_cfg._target_} runs all T steps; drop steps= (or use sampler=ddim / dpmpp)")
         sampler_cfg.steps = cfg.steps
     sampler = instantiate(sampler_cfg)
     n_steps = len(sampler.timesteps(schedule.timesteps))

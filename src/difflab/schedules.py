@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from difflab.errors import ConfigError
+
 
 class NoiseSchedule(nn.Module):
     """All terms of q(x_t | x_0) and q(x_{t-1} | x_t, x_0) for a given beta sequence (shape (T,))."""
@@ -24,12 +26,12 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or betas.numel() < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"a noise schedule needs at least 2 timesteps, got {betas.numel()}: set timesteps=T with T >= 2"
             )
         if not bool(((betas > 0) & (betas < 1)).all()):
             bad = betas[(betas <= 0) | (betas >= 1)]
-            raise ValueError(
+            raise ConfigError(
                 f"every beta must lie in (0, 1); got {bad.numel()} outside, e.g. {bad[0].item():.4g}. "
                 "Check schedule.beta_start / schedule.beta_end (e.g. beta_start=1e-4 beta_end=0.02)."
             )
@@ -98,4 +100,4 @@ class CosineSchedule(NoiseSchedule):
 
 def _check_timesteps(timesteps: int) -> None:
     if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 2:
-        raise ValueError(f"timesteps must be an integer >= 2, got {timesteps!r} (e.g. timesteps=1000)")
+        raise ConfigError(f"timesteps must be an integer >= 2, got {timesteps!r} (e.g. timesteps=1000)")

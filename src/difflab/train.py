@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from omegaconf import DictConfig
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
 from difflab.config import instantiate_group, to_container
 from difflab.ddp import use_job_command_for_ddp_ranks
+from difflab.errors import ConfigError
+from difflab.resume import FinalCheckpoint, Preemption, RandomStates, own_checkpoint
+from difflab.validate import check_trainer_config, integer
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,30 @@ def quiet_duplicate_logs() -> None:
         logging.getLogger(name).propagate = True
 
 
+def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
+    """ckpt_path: auto (this run folder's own checkpoint if it has one, else a fresh start), null (a fresh start,
+    refused where it would overwrite checkpoints), a .ckpt file, a run folder, or last (the newest run)."""
+    spec = cfg.get("ckpt_path")
+    run_dir = Path(cfg.paths.output_dir)
+    own = own_checkpoint(run_dir)
+    if spec == "auto":
+        return own
+    if spec is None:
+        if own is not None:
+            raise ConfigError(f"ckpt_path=null but the run folder {run_dir} already holds {own}: training would overwrite it. "
+                              "Continue it with ckpt_path=auto, or start in a new folder (drop hydra.run.dir)")
+        return None
+    return resolve_checkpoint(spec, Path(cfg.paths.log_dir) / cfg.task_name)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_duplicate_logs()
+    check_trainer_config(cfg.trainer)
+    if cfg.get("seed") is not None:
+        integer("seed", cfg.seed, 0, " (or seed=null for a random one)")
+    lr = cfg.optim.optimizer.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optim.optimizer.lr={lr!r}: must be a finite number > 0 (e.g. optim.optimizer.lr=1e-3)")
     use_job_command_for_ddp_ranks()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -83,11 +109,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}")
 
-    ckpt_path = None
     if cfg.get("require_init_from") and not cfg.get("init_from"):
-        raise ValueError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
-    if cfg.get("ckpt_path"):
-        ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name)
+        raise ConfigError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
+    ckpt_path = checkpoint_to_resume(cfg)
+    if ckpt_path is not None:
         check_compatible(module, load_checkpoint(ckpt_path)["state_dict"], f"checkpoint {ckpt_path}")
         log.info(f"resuming from {ckpt_path}")
     elif cfg.get("init_from"):
@@ -97,7 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.net.load_state_dict(weights)
         log.info(f"fine-tuning from the EMA weights of {init}")
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # always on, and after the configured ones: a signal's checkpoint must include this step's EMA update
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RandomStates(), Preemption(), FinalCheckpoint()]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:

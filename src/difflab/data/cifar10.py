@@ -9,6 +9,7 @@ import numpy as np
 from torchvision.datasets import CIFAR10
 
 from difflab.data.datamodule import ArrayDataModule, Arrays
+from difflab.errors import DataError, DataNotFound
 
 
 class _UncheckedCIFAR10(CIFAR10):
@@ -23,7 +24,7 @@ def load_cifar10(root: str | Path, train: bool = True, download: bool = True, ve
     folder = root / CIFAR10.base_folder
     if not verify_checksums:
         if not folder.is_dir():
-            raise FileNotFoundError(f"CIFAR-10 not found: no {folder}. {_how_to_get(root)}")
+            raise DataNotFound(f"CIFAR-10 not found: no {folder}. {_how_to_get(root)}")
         warnings.warn(
             f"CIFAR-10 in {folder} is used without checking torchvision's md5 checksums (data.verify_checksums=false)",
             stacklevel=2,
@@ -33,11 +34,11 @@ def load_cifar10(root: str | Path, train: bool = True, download: bool = True, ve
         return CIFAR10(str(root), train=train, download=download)
     except Exception as err:  # torchvision raises RuntimeError (corrupt) or URLError/OSError (offline)
         if folder.is_dir():
-            raise RuntimeError(
+            raise DataError(
                 f"CIFAR-10 files in {folder} do not match torchvision's md5 checksums ({err}). If this copy is "
                 "trusted (e.g. rebuilt from public copies), set data.verify_checksums=false."
             ) from err
-        raise FileNotFoundError(f"CIFAR-10 not found in {root} and not downloadable ({err}). {_how_to_get(root)}") from err
+        raise DataNotFound(f"CIFAR-10 not found in {root} and not downloadable ({err}). {_how_to_get(root)}") from err
 
 
 def _how_to_get(root: Path) -> str:
@@ -62,6 +63,6 @@ class CIFAR10DataModule(ArrayDataModule):
     def load_arrays(self) -> Arrays:
         ds = load_cifar10(self.root, train=True, download=False, verify_checksums=self.verify_checksums)
         if list(ds.classes) != list(self.class_names):
-            raise ValueError(f"CIFAR-10 meta names {ds.classes}, the config says {list(self.class_names)}")
+            raise DataError(f"CIFAR-10 meta names {ds.classes}, the config says {list(self.class_names)}")
         labels = np.eye(len(ds.classes), dtype=np.float32)[np.asarray(ds.targets)]
         return Arrays(ds.data.transpose(0, 3, 1, 2), labels)

@@ -4,17 +4,28 @@ Batches are fetched with one tensor index per batch (``__getitems__``), not one 
 and scaled to [-1, 1] / flipped on the device after transfer. Batches are tuples:
 train ``(x0, context)``; val ``(x0, context, noise, u)`` where the fixed ``noise`` and ``u`` in [0, 1)
 (t = floor(u T)) make the validation loss deterministic and comparable across runs (the same t fractions under any schedule and T).
+
+Training is exactly resumable: the order is a pure function of (seed, epoch) (``EpochSampler``); a
+checkpoint records how many batches of the epoch were trained on (in the DataModule's state) and a resumed
+run skips exactly those; and every training batch first seeds the global generators from
+(seed, rank, batch count) (rng.py), so its flips and all the step draws after them (t, noise, dropout,
+context dropout) do not depend on what ran before in the process.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import secrets
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from difflab.errors import ConfigError, DataError
+from difflab.rng import seed_step
+from difflab.validate import integer
 
 
 class Arrays(NamedTuple):
@@ -44,6 +55,60 @@ def _batched(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return batch
 
 
+class EpochSampler(DistributedSampler):
+    """This rank's training indices for one epoch, drawn from a generator seeded with seed + epoch.
+
+    shuffle: a permutation; weights: draws with replacement in proportion to them (class balancing).
+    It is a DistributedSampler, so Lightning keeps it under DDP instead of wrapping it: the ranks take
+    interleaved shares of the same epoch order, as torch's DistributedSampler does. ``resume = (epoch,
+    batches)`` leaves out that many of this rank's batches once, if the first epoch iterated is that epoch.
+    """
+
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0, epoch: int = 0,
+                 weights: Tensor | None = None, batch_size: int = 1, resume: tuple[int, int] | None = None) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = weights
+        self.epoch = epoch
+        self.batch_size = batch_size
+        self.resume = resume
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        """All ranks' indices of ``epoch`` (length total_size), before the split between ranks."""
+        n = len(self.dataset)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(n, generator=g)
+        if self.total_size > n:  # pad to a multiple of the ranks by repeating the start (DistributedSampler's rule)
+            order = torch.cat([order, order[: self.total_size - n]])
+        return order[: self.total_size]
+
+    def __iter__(self) -> Iterator[int]:
+        # a generator: the epoch is read at the first batch, after Lightning's set_epoch
+        skip = 0
+        if self.resume is not None:
+            epoch, batches = self.resume
+            skip = batches * self.batch_size if epoch == self.epoch else 0
+            self.resume = None
+        yield from self.epoch_order(self.epoch)[self.rank :: self.num_replicas][skip:].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """Tells Lightning that this loader resumes mid-epoch (else it warns that it does not).
+
+    The position itself travels in the DataModule's state (``ArrayDataModule.state_dict``): Lightning hands
+    a loader its state only if ``trainer.estimated_stepping_batches`` was not read before (Lightning issue
+    #20550), and the LR schedule reads it in ``configure_optimizers``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class ArrayDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -57,8 +122,18 @@ class ArrayDataModule(L.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         image_size: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        integer("data.batch_size", batch_size, 1)
+        integer("data.num_workers", num_workers, 0)
+        integer("data.split_seed", split_seed, 0)
+        if limit is not None:
+            integer("data.limit", limit, 1)
+        if seed is not None:
+            integer("seed", seed, 0)
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or isinstance(val_size, float) and not 0 < val_size < 1:
+            raise ConfigError(f"data.val_size={val_size!r}: give a fraction in (0, 1) (e.g. 0.1) or a number of images (e.g. 500)")
         self.class_names = list(class_names)
         self.batch_size = batch_size
         self.val_size = val_size
@@ -69,9 +144,12 @@ class ArrayDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.num_workers = num_workers
         self.image_size = image_size
+        # the data order's seed: the run's seed, or a random one that checkpoints keep (so a resume continues it)
+        self.seed = seed if seed is not None else secrets.randbits(31)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
         unknown = [c for c in self.classes or [] if c not in self.class_names]
         if unknown:
-            raise ValueError(f"unknown class {unknown} in data.classes; this data set has {self.class_names}")
+            raise ConfigError(f"unknown class {unknown} in data.classes; this data set has {self.class_names}")
         self.train_set: TensorBatches | None = None
         self.val_set: TensorBatches | None = None
 
@@ -82,14 +160,19 @@ class ArrayDataModule(L.LightningDataModule):
     def load_arrays(self) -> Arrays:
         raise NotImplementedError
 
+    def describe_source(self) -> str:
+        """Where the arrays come from, for error messages."""
+        return type(self).__name__
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         images, labels = self.load_arrays()
+        check_labels(labels, self.describe_source())
         if labels.shape[1] != self.num_classes:
-            raise ValueError(f"labels have {labels.shape[1]} classes, the config lists {self.num_classes}: {self.class_names}")
+            raise DataError(f"labels have {labels.shape[1]} classes, the config lists {self.num_classes}: {self.class_names}")
         if self.image_size is not None and images.shape[-1] != self.image_size:
-            raise ValueError(f"images are {images.shape[-1]}px, the config expects {self.image_size}px")
+            raise DataError(f"images are {images.shape[-1]}px, the config expects {self.image_size}px")
         images_t = torch.from_numpy(np.ascontiguousarray(images))
         labels_t = torch.from_numpy(np.ascontiguousarray(labels))
         train_idx, val_idx = self.split(len(images_t))
@@ -109,7 +192,7 @@ class ArrayDataModule(L.LightningDataModule):
     def split(self, n: int) -> tuple[Tensor, Tensor]:
         n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) else int(self.val_size)
         if not 0 < n_val < n:
-            raise ValueError(f"data.val_size={self.val_size} leaves no train or no validation images out of {n}")
+            raise ConfigError(f"data.val_size={self.val_size} leaves no train or no validation images out of {n}")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         return perm[n_val:].sort().values, perm[:n_val].sort().values
 
@@ -125,22 +208,38 @@ class ArrayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        sampler = None
+        weights = None
         if self.balanced:
             labels = self.train_set.tensors[1]
             # weight_i = sum_c y_ic / count_c: every class is drawn equally often
-            weights = (labels / self.class_counts().clamp(min=1)).sum(1)
-            sampler = WeightedRandomSampler(weights.double(), num_samples=len(weights), replacement=True)
-        return DataLoader(
+            weights = (labels / self.class_counts().clamp(min=1)).sum(1).double()
+        trainer = self.trainer
+        ranks, rank, epoch = (trainer.world_size, trainer.global_rank, trainer.current_epoch) if trainer else (1, 0, 0)
+        sampler = EpochSampler(len(self.train_set), self.seed, ranks, rank, epoch, weights, self.batch_size, self._resume)
+        drop_last = sampler.num_samples >= self.batch_size  # full batches only, unless the share is smaller than one
+        return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=sampler is None,
             sampler=sampler,
-            drop_last=len(self.train_set) >= self.batch_size,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=_batched,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the seed, and the last epoch started with the number of its batches trained on."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"seed": self.seed}
+        loop = trainer.fit_loop
+        # current_epoch already counts an epoch that has ended; the batch count belongs to the one last started
+        return {"seed": self.seed, "epoch": loop.epoch_progress.current.started - 1, "batches": loop.epoch_loop.batch_progress.current.ready}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = int(state_dict.get("seed", self.seed))
+        if "epoch" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
@@ -150,7 +249,24 @@ class ArrayDataModule(L.LightningDataModule):
         images, *rest = batch
         # uint8 [0, 255] -> [-1, 1]
         x = images.float() / 127.5 - 1.0
-        if self.hflip and self.trainer is not None and self.trainer.training:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            # batches started before this one (a resumed run's count continues the interrupted run's)
+            seed_step(self.seed, trainer.global_rank, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+        if self.hflip and trainer is not None and trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return (x, *rest)
+
+
+def check_labels(labels: np.ndarray, source: str) -> None:
+    """Labels are finite, non-negative, and give every image at least one class (the row of the first bad one is named)."""
+    if labels.ndim != 2:
+        raise DataError(f"{source}: labels must be (N, K) one-hot rows, got shape {labels.shape}")
+    labels = np.asarray(labels, dtype=np.float64)
+    for problem, bad in (("not finite", ~np.isfinite(labels).all(1)), ("negative", (labels < 0).any(1)),
+                         ("all zero: every image needs a class", ~(labels > 0).any(1))):
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{source}: label row {row} is {problem} ({labels[row].tolist()}); {int(bad.sum())} such rows. "
+                            "Fix the labels file (one-hot rows, e.g. [0, 1, 0, 0, 0])")

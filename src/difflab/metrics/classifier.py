@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.errors import DifflabError
+
 FORMAT = "difflab-classifier-v1"
 HOW_TO_TRAIN = "python train_classifier.py data={data}"
 
 
-class ClassifierError(RuntimeError):
-    pass
+class ClassifierError(DifflabError, RuntimeError):
+    """The metrics' classifier is missing or does not fit the data set."""
 
 
 class SmallCNN(nn.Module):

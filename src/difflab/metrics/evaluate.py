@@ -29,6 +29,7 @@ from difflab.images import grid, save_png
 from difflab.metrics.sampling import SamplePlan, class_plan, generate_chunk
 from difflab.metrics.suite import MetricsConfig, MetricsContext, resolve_dirs
 from difflab.samplers.base import Sampler
+from difflab.validate import check_sampling, check_trainer_config
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,16 @@ def find_reusable(key: str, folder: Path | None, own: Path) -> dict[str, Any] | 
     return None
 
 
+def check_request(cfg: DictConfig) -> None:
+    check_sampling(cfg, 2, " (FD/KID need at least 2 samples; compare runs at equal n, e.g. n=1000)")
+    check_trainer_config(cfg.trainer)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from difflab.train import quiet_duplicate_logs, use_wandb_offline_without_key
 
     quiet_duplicate_logs()
+    check_request(cfg)
     if "wandb" in (cfg.get("logger") or {}):
         use_wandb_offline_without_key()
     ckpt_path = resolve_checkpoint(cfg.ckpt, Path(cfg.paths.log_dir) / "train")

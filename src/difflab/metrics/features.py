@@ -18,14 +18,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from difflab.errors import ConfigError, DifflabError
 from difflab.metrics.classifier import check_matches, find_classifier, load_classifier
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 FEATURE_KINDS = ("classifier", "inception")
 
 
-class InceptionUnavailable(RuntimeError):
-    pass
+class InceptionUnavailable(DifflabError, RuntimeError):
+    """The FID Inception weights cannot be found or downloaded."""
 
 
 def to_unit_range(images: Tensor) -> Tensor:
@@ -171,8 +172,8 @@ def build_feature_net(kind: str, classifier: ClassifierFeatures | None, inceptio
                       inception_antialias: bool = True) -> FeatureNet:
     if kind == "classifier":
         if classifier is None:
-            raise ValueError("metrics.feature=classifier needs a classifier (metrics.classifier_ckpt)")
+            raise ConfigError("metrics.feature=classifier needs a classifier (metrics.classifier_ckpt)")
         return classifier
     if kind == "inception":
         return InceptionFeatures(inception_weights, inception_antialias)
-    raise ValueError(f"unknown metrics.feature={kind!r}; choose one of {FEATURE_KINDS}")
+    raise ConfigError(f"unknown metrics.feature={kind!r}; choose one of {FEATURE_KINDS}")

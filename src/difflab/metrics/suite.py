@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.metrics.cache import real_features
 from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features
 from difflab.metrics.sampling import data_choice, dataset_name
@@ -42,10 +43,10 @@ class MetricsConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known - {"_target_"})
         if unknown:
-            raise ValueError(f"unknown metrics settings {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown metrics settings {unknown}; known: {sorted(known)}")
         out = cls(**{k: v for k, v in cfg.items() if k in known})
         if out.real_split not in SPLITS:
-            raise ValueError(f"metrics.real_split must be one of {SPLITS}, got {out.real_split!r}")
+            raise ConfigError(f"metrics.real_split must be one of {SPLITS}, got {out.real_split!r}")
         return out
 
 

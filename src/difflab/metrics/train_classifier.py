@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from difflab.config import instantiate_group, to_container
 from difflab.metrics.classifier import ClassifierModule, class_weights, per_class_accuracy, predict_logits, save_classifier
+from difflab.validate import check_trainer_config, integer, number
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ def held_out_report(net: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, Any]:
+    check_trainer_config(cfg.trainer)
+    number("lr", cfg.lr, 1e-12, hint=" (e.g. lr=3e-3)")
+    integer("seed", cfg.seed, 0)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.errors import ConfigError
 from difflab.nn.blocks import Downsample, ResBlock, SelfAttention, Upsample, zero_init
 from difflab.nn.embeddings import ContextEmbedding, TimeEmbedding
 
@@ -49,7 +50,7 @@ class UNet(nn.Module):
         levels = len(channel_mult)
         self.size_multiple = 2 ** (levels - 1)
         if image_size % self.size_multiple:
-            raise ValueError(f"image_size {image_size} must be divisible by 2^(levels-1) = {2 ** (levels - 1)}")
+            raise ConfigError(f"image_size {image_size} must be divisible by 2^(levels-1) = {2 ** (levels - 1)}")
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, emb_dim)
         self.context_embed = ContextEmbedding(num_classes, emb_dim) if num_classes > 0 else None

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion import Denoiser
+from difflab.errors import ConfigError
 from difflab.schedules import NoiseSchedule
+from difflab.validate import integer, number
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -26,7 +28,7 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     schedules and sample steps are flawed"); leading: k (T // steps); linspace: linspace(0, T-1).
     """
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, T={T}], got {steps}")
+        raise ConfigError(f"steps must be in [1, T={T}], got {steps}")
     if spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     elif spacing == "leading":
@@ -34,8 +36,18 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round().astype(np.int64)[::-1]
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
     return [int(t) for t in ts]
+
+
+def check_settings(steps: int | None = None, spacing: str | None = None, eta: float | None = None) -> None:
+    """Sampler settings as typed on the command line (steps <= T is checked once T is known)."""
+    if steps is not None:
+        integer("sampler.steps", steps, 1, " (or steps=N on the command line)")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ConfigError(f"sampler.spacing={spacing!r}: choose one of {SPACINGS}")
+    if eta is not None:
+        number("sampler.eta", eta, 0, 1, " (0: deterministic DDIM, 1: DDPM-like noise)")
 
 
 def alpha_bar(s: NoiseSchedule, t: int) -> Tensor:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.samplers.base import Sampler, alpha_bar, noise_like, spaced_timesteps
+from difflab.samplers.base import Sampler, alpha_bar, check_settings, noise_like, spaced_timesteps
 from difflab.schedules import NoiseSchedule
 
 
 class DDIMSampler(Sampler):
     def __init__(self, steps: int = 25, eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = True) -> None:
+        check_settings(steps, spacing, eta)
         self.steps = steps
         self.eta = eta
         self.spacing = spacing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.base import Sampler, noise_like
 from difflab.schedules import NoiseSchedule
 
@@ -16,7 +17,7 @@ class DDPMSampler(Sampler):
 
     def __init__(self, variance: str = "beta", clip_x0: bool = False) -> None:
         if variance not in VARIANCES:
-            raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {VARIANCES}")
+            raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {VARIANCES}")
         self.variance = variance
         self.clip_x0 = clip_x0
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.samplers.base import Sampler, alpha_bar, spaced_timesteps
+from difflab.samplers.base import Sampler, alpha_bar, check_settings, spaced_timesteps
 from difflab.schedules import NoiseSchedule
 
 
 class DPMSolverPP2MSampler(Sampler):
     def __init__(self, steps: int = 15, spacing: str = "linspace", clip_x0: bool = True) -> None:
+        check_settings(steps, spacing)
         self.steps = steps
         self.spacing = spacing
         self.clip_x0 = clip_x0
