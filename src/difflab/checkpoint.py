@@ -36,7 +36,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({type(err).__name__}: {str(err)[:200]})") from err
+        detail = str(err).split(". ")[0][:120]  # torch's weights_only message runs for paragraphs
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({type(err).__name__}: {detail}); "
+                              "pass a .ckpt written by train.py") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "difflab_config" not in ckpt:
         raise CheckpointError(f"{path} is not a difflab checkpoint (no state_dict/difflab_config): was it written by train.py?")
     return ckpt

@@ -268,5 +268,5 @@ def check_labels(labels: np.ndarray, source: str) -> None:
                          ("all zero: every image needs a class", ~(labels > 0).any(1))):
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{source}: label row {row} is {problem} ({labels[row].tolist()}); {int(bad.sum())} such rows. "
+            raise DataError(f"{source}: label row {row} is {problem} ({labels[row].tolist()}); {int(bad.sum())} such row(s). "
                             "Fix the labels file (one-hot rows, e.g. [0, 1, 0, 0, 0])")
