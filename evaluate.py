@@ -12,7 +12,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     from difflab.cli import run
-    from difflab.metrics.evaluate import evaluate
+    from difflab.evaluate import evaluate
 
     return run(lambda: evaluate(cfg)).get("fd")
 

@@ -11,7 +11,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="classifier")
 def main(cfg: DictConfig) -> float:
     from difflab.cli import run
-    from difflab.metrics.train_classifier import train_classifier
+    from difflab.train_classifier import train_classifier
 
     return run(lambda: train_classifier(cfg))["val_accuracy"]
 

@@ -13,7 +13,7 @@ GFLOP/s and % of the matmul peak measured in the same run.
     python bench/bench.py --device cuda --precision fp32,bf16 --channels-last
 
 Our models run through our own code: difflab.diffusion.eps_loss with LinearSchedule(1000) for training,
-DDIMSampler(steps=25) + difflab.generate.generate for sampling. Peers: diffusers DDPMScheduler.add_noise
+DDIMSampler(steps=25) + difflab.sampling.generate for sampling. Peers: diffusers DDPMScheduler.add_noise
 for training and diffusers DDIMScheduler (same linear betas, trailing spacing, eta 0) for sampling.
 """
 
@@ -375,15 +375,12 @@ class Runner:
     def sample(self, n: int, steps: int, ctx: Tensor | None, seed: int = 0) -> Tensor:
         shape = (3, self.spec.image_size, self.spec.image_size)
         if self.spec.kind == "difflab":
-            from difflab.generate import generate
             from difflab.samplers import DDIMSampler
+            from difflab.sampling import generate
 
-            if self.settings.sample_weights == "bf16":
-                net, autocast = self.sample_net, None
-            else:
-                net, autocast = self.model, self.settings.autocast_dtype
-            out = generate(net, self.schedule, DDIMSampler(steps=steps, eta=0.0), n, shape, contexts=ctx,
-                           seed=seed, batch_size=n, autocast_dtype=autocast)
+            net = self.sample_net if self.settings.sample_weights == "bf16" else self.model
+            out = generate(net, self.schedule, DDIMSampler(steps=steps, eta=0.0), n, ctx, seed=seed, batch_size=n, shape=shape,
+                           precision="bf16" if self.settings.sample_weights == "bf16" else "32")
             return out.images
         self.ddim.set_timesteps(steps)
         x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
@@ -678,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peaks": peaks,
         "peaks_end": peaks_end,
         "config": {k: asdict(v) for k, v in configs.items()},
-        "sample_loops": {"ours": "difflab.samplers.DDIMSampler(steps=25, eta=0, trailing) + difflab.generate.generate",
+        "sample_loops": {"ours": "difflab.samplers.DDIMSampler(steps=25, eta=0, trailing) + difflab.sampling.generate",
                          "peers": "diffusers DDIMScheduler(linear 1e-4..0.02, 1000, trailing, clip_sample, eta=0)"},
         "results": results,
         "notes": notes,

@@ -7,8 +7,10 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from difflab.metrics.classifier import ClassifierError, SmallCNN, save_classifier
@@ -17,7 +19,8 @@ from difflab.train import build_module
 from support import compose_cfg, run_script
 
 CLASSES = ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
-METRIC_KEYS = ("fd", "kid", "kid_std", "cond_acc", "memorized", "nn_dist_q01", "nn_dist_q05", "nn_dist_q50")
+METRIC_KEYS = ("fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colors_median", "top16_share", "memorized", "nn_dist_q01",
+               "nn_dist_q05", "nn_dist_q50")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     cfg = compose_cfg(["model=unet_tiny", "logger=none", "timesteps=20"], out)
     module = build_module(cfg)
     ckpt = out / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "difflab_config": module.run_config, "class_names": module.class_names}, ckpt)
+    identity = {**instantiate(cfg.data).identity(), "choice": "sprites"}  # what train.py saves
+    torch.save({"state_dict": module.state_dict(), "difflab_config": module.run_config, "class_names": module.class_names,
+                "difflab_data": identity}, ckpt)
     torch.manual_seed(0)
     clf = save_classifier(out / "clf.ckpt", SmallCNN(6, channels=(8, 16)), CLASSES, 16, {}, {"val_accuracy": 0.0})
     return {"ckpt": ckpt, "classifier": clf, "cache": out / "cache"}
@@ -40,7 +45,7 @@ def args(tiny: dict[str, Path], n: int = 24) -> list[str]:
 
 
 def test_evaluate_writes_its_row_and_reference(tiny, tmp_path, capsys):
-    from difflab.metrics.evaluate import evaluate
+    from difflab.evaluate import evaluate
 
     cfg = compose_cfg([*args(tiny), "steps=2"], tmp_path, config_name="evaluate")
     row = evaluate(cfg)
@@ -56,6 +61,8 @@ def test_evaluate_writes_its_row_and_reference(tiny, tmp_path, capsys):
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["fd"]) == pytest.approx(row["fd"]) and csv_row["config/metrics.feature"] == "classifier"
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "nearest_train.npz").is_file()
+    with np.load(tmp_path / "samples.npz") as f:
+        assert f["images"].shape == (24, 16, 16, 3) and f["index"].tolist() == list(range(24)) and f["labels"].shape == (24, 6)
     table = capsys.readouterr().out
     assert "fd" in table and "real val" in table and "cond_acc/food" in table
 
@@ -80,7 +87,7 @@ def test_sweep_table_names_the_checkpoint_when_a_sweep_compares_runs(tmp_path):
 
 
 def test_missing_classifier_names_the_command_that_trains_it(tiny, tmp_path):
-    from difflab.metrics.evaluate import evaluate
+    from difflab.evaluate import evaluate
 
     cfg = compose_cfg([*args(tiny), "steps=2"], tmp_path, config_name="evaluate")
     with open_dict(cfg):
@@ -126,18 +133,21 @@ def test_two_process_ddp_gives_the_single_process_values(tiny, tmp_path):
     assert r1["world_size"] == 1 and r2["world_size"] == 2
     for key in [*METRIC_KEYS, *(f"cond_acc/{c}" for c in CLASSES)]:
         assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), key
+    # the same chunks, made on other ranks: the same images, byte for byte
+    assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
 
 
 def test_training_logs_sample_quality_and_returns_val_fd(tiny, tmp_path):
     from difflab.train import train
 
-    cfg = compose_cfg(["debug=fast", "model=unet_tiny", "callbacks=[ema,model_checkpoint,metrics]", "timesteps=20",
-                       "callbacks.metrics.n=16", "callbacks.metrics.batch_size=8", "callbacks.metrics.sampler.steps=2",
-                       f"callbacks.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.metrics.cache_dir={tiny['cache']}",
-                       "callbacks.metrics.kid_subsets=5", "callbacks.model_checkpoint.monitor=val/fd",
+    cfg = compose_cfg(["debug=fast", "model=unet_tiny", "callbacks=[ema,model_checkpoint,sample_quality]", "timesteps=20",
+                       "callbacks.sample_quality.n=16", "callbacks.sample_quality.batch_size=8", "callbacks.sample_quality.sampler.steps=2",
+                       f"callbacks.sample_quality.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.sample_quality.metrics.cache_dir={tiny['cache']}",
+                       "callbacks.sample_quality.metrics.kid_subsets=5", "callbacks.model_checkpoint.monitor=val/fd",
                        "trainer.enable_progress_bar=false", "optimized_metric=val/fd"], tmp_path)
     metrics = train(cfg)
-    assert {"val/fd", "val/kid", "val/cond_acc", "val/memorized"} <= set(metrics)
+    assert {"val/fd", "val/kid", "val/cond_acc", "val/cond_acc_weighted", "val/colors_median", "val/memorized"} <= set(metrics)
+    assert {f"val/cond_acc/{c}" for c in CLASSES} & set(metrics)  # per class, always
     assert list((tmp_path / "checkpoints").glob("epoch*.ckpt"))  # ModelCheckpoint(monitor=val/fd) saved one
 
 
@@ -146,9 +156,22 @@ def test_optuna_search_runs_two_trials_minimising_val_fd(tiny, tmp_path):
     proc = run_script(
         "train.py", "hparams_search=sprites_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
         "debug=fast", "model=unet_tiny", "trainer.max_epochs=1", "~callbacks.sample_grid",
-        "~callbacks.progress_bar", "callbacks.metrics.n=16", "callbacks.metrics.batch_size=8", "callbacks.metrics.sampler.steps=2",
-        f"callbacks.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.metrics.cache_dir={tiny['cache']}",
-        "callbacks.metrics.kid_subsets=5", f"hydra.sweep.dir={tmp_path}", timeout=900)
+        "~callbacks.progress_bar", "callbacks.sample_quality.n=16", "callbacks.sample_quality.batch_size=8", "callbacks.sample_quality.sampler.steps=2",
+        f"callbacks.sample_quality.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.sample_quality.metrics.cache_dir={tiny['cache']}",
+        "callbacks.sample_quality.metrics.kid_subsets=5", f"hydra.sweep.dir={tmp_path}", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_value" in best and "optim.optimizer.lr" in best
+
+
+def test_evaluate_warns_when_the_data_files_changed_since_training(tiny, tmp_path, caplog):
+    from difflab.evaluate import evaluate
+
+    ckpt = torch.load(tiny["ckpt"], weights_only=False)
+    (name,) = ckpt["difflab_data"]["files"]
+    ckpt["difflab_data"]["files"][name] = "0" * 64  # as if the model had been trained on other bytes
+    torch.save(ckpt, tmp_path / "changed.ckpt")
+    cfg = compose_cfg([*args(tiny, n=8), f"ckpt={tmp_path / 'changed.ckpt'}", "steps=2", "reference=false"], tmp_path,
+                      config_name="evaluate")
+    evaluate(cfg)
+    assert f"{name} changed since this model was trained" in caplog.text

@@ -13,9 +13,9 @@ from difflab.metrics import cache as cache_mod
 from difflab.metrics.cache import real_features
 from difflab.metrics.classifier import ClassifierError, SmallCNN, find_classifier, load_classifier, save_classifier
 from difflab.metrics.features import ClassifierFeatures, InceptionUnavailable, inception_weights_path
-from difflab.metrics.sampling import SamplePlan, generate_chunk
 from difflab.metrics.scores import KernelDistance, SampleMetrics, nearest_train
 from difflab.metrics.suite import MetricsConfig, MetricsContext
+from difflab.sampling import SamplePlan
 
 from support import compose_cfg
 
@@ -116,7 +116,7 @@ def test_real_feature_cache_is_reused_and_invalidated(tmp_path, sprites, monkeyp
 @pytest.fixture(scope="module")
 def trained_classifier(tmp_path_factory):
     """A classifier trained for a few batches by the real entry point's code; its report is what it wrote."""
-    from difflab.metrics.train_classifier import train_classifier
+    from difflab.train_classifier import train_classifier
 
     out = tmp_path_factory.mktemp("clf")
     cfg = compose_cfg(["trainer.max_epochs=1", "++trainer.limit_train_batches=3", "++trainer.limit_val_batches=1",
@@ -133,14 +133,16 @@ def test_accuracy_on_real_held_out_images_equals_the_reported_accuracy(trained_c
     ctx = MetricsContext(cfg, sprites, {}, conditional=True)
     ref = ctx.reference()
     report = info["report"]
-    assert ref["cond_acc"] == pytest.approx(report["val_accuracy"], abs=1e-9)
+    assert ref["cond_acc_weighted"] == pytest.approx(report["val_accuracy"], abs=1e-9)
+    assert ref["cond_acc"] == pytest.approx(report["val_accuracy_balanced"], abs=1e-9)
     for name, acc in report["val_accuracy_per_class"].items():
         assert ref[f"cond_acc/{name}"] == pytest.approx(acc, abs=1e-9)
     assert ref["n"] == report["n_val"] == len(sprites.val_set)
 
 
 def test_classifier_is_found_by_its_classes_and_missing_one_says_how_to_train(tmp_path, trained_classifier):
-    assert find_classifier("auto", CLASSES, 16, trained_classifier.parent, "sprites") == trained_classifier
+    net, info = find_classifier("auto", CLASSES, 16, trained_classifier.parent, "sprites")
+    assert info["path"] == str(trained_classifier) and isinstance(net, SmallCNN)
     with pytest.raises(ClassifierError, match=r"python train_classifier.py data=cifar10"):
         find_classifier("auto", ["airplane"] * 10, 32, trained_classifier.parent, "cifar10")
     with pytest.raises(ClassifierError, match=r"python train_classifier.py data=sprites"):
@@ -177,7 +179,6 @@ def test_sample_plan_shares_are_disjoint_and_their_union_independent_of_world_si
     assert plan.chunks_for(7, 8) == [-1]  # 7 chunks on 8 ranks: the last rank makes nothing
     labels = plan.labels(torch.arange(96))
     assert torch.bincount(labels).tolist() == [16] * 6
-    assert len({plan.chunk_seed(c) for c in range(plan.n_chunks)}) == plan.n_chunks
 
 
 def test_a_chunk_is_the_same_whoever_makes_it():
@@ -189,9 +190,9 @@ def test_a_chunk_is_the_same_whoever_makes_it():
     net = UNet(16, 3, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=6, norm_groups=4)
     sched, sampler = LinearSchedule(50), DDIMSampler(steps=2)
     plan = SamplePlan(n=10, batch_size=4, seed=0, num_classes=6, classes=range(6))
-    a, la, ia = generate_chunk(net, sched, sampler, plan, 2)
-    generate_chunk(net, sched, sampler, plan, 0)  # another chunk in between changes nothing
-    b, lb, ib = generate_chunk(net, sched, sampler, plan, 2)
+    a, la, ia = plan.generate_chunk(net, sched, sampler, 2)
+    plan.generate_chunk(net, sched, sampler, 0)  # another chunk in between changes nothing
+    b, lb, ib = plan.generate_chunk(net, sched, sampler, 2)
     assert torch.equal(a, b) and ia.tolist() == [8, 9] and la.tolist() == [2, 3] and a.dtype == torch.uint8
 
 
@@ -226,11 +227,11 @@ def test_shipped_sprites_classifier_still_scores_its_reported_accuracy(sprites):
     ctx = MetricsContext(MetricsConfig(classifier_ckpt=str(path), cache_dir=None, memorization=False, kid_subsets=2), sprites, {},
                          conditional=True)
     report = load_classifier(path)[1]["report"]
-    assert ctx.reference()["cond_acc"] == pytest.approx(report["val_accuracy"], abs=1e-9)
+    assert ctx.reference()["cond_acc_weighted"] == pytest.approx(report["val_accuracy"], abs=1e-9)
 
 
 def test_sample_labels_follow_the_data_class_frequencies():
-    from difflab.metrics.sampling import proportional_labels
+    from difflab.sampling import proportional_labels
 
     counts = [474, 2202, 124, 277, 115, 627]  # the sprites' classes
     labels = proportional_labels(1000, range(6), counts)
@@ -242,3 +243,44 @@ def test_sample_labels_follow_the_data_class_frequencies():
         assert (torch.bincount(chunk, minlength=6) - expected / 4).abs().max() <= 2
     # equal weights: round robin over a class subset
     assert proportional_labels(6, [2, 4], []).tolist() == [2, 4, 2, 4, 2, 4]
+
+
+def test_headline_accuracy_is_class_balanced_and_the_majority_class_scores_low():
+    """A model that draws the majority class for every label: frequency-weighted 0.58 on the sprites' mix, but
+    class-balanced 1/6 (per class: 1 for non-hero, 0 elsewhere)."""
+    from difflab.metrics.scores import ClassAccuracy
+
+    counts = [474, 2202, 124, 277, 115, 627]
+    labels = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))
+    acc = ClassAccuracy(6)
+    acc.update(torch.nn.functional.one_hot(torch.full_like(labels, 1), 6).float(), labels)
+    balanced, per_class, weighted = acc.compute()
+    assert float(weighted) == pytest.approx(2202 / sum(counts)) and float(weighted) > 0.57
+    assert float(balanced) == pytest.approx(1 / 6) and per_class.tolist() == [0, 1, 0, 0, 0, 0]
+    # classes without samples (a model trained on a subset) are left out of the mean, not counted as 0
+    sub = ClassAccuracy(6)
+    sub.update(torch.nn.functional.one_hot(torch.tensor([0, 0, 3, 2]), 6).float(), torch.tensor([0, 0, 2, 2]))
+    balanced, per_class, weighted = sub.compute()
+    assert float(balanced) == pytest.approx((1 + 0.5) / 2) and float(weighted) == pytest.approx(3 / 4)
+    assert per_class[[0, 2]].tolist() == [1, 0.5] and per_class[[1, 3, 4, 5]].isnan().all()
+
+
+def test_palette_stats_count_colours_and_the_top_16_share():
+    from difflab.metrics.scores import palette_stats
+
+    flat = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    flat[0, :, :8] = torch.tensor([200, 10, 30], dtype=torch.uint8)[:, None, None]  # two colours, half each
+    noisy_img = torch.arange(256 * 3).reshape(1, 3, 16, 16).remainder(256).to(torch.uint8)  # 256 distinct colours
+    colors, share = palette_stats(torch.cat([flat, noisy_img]))
+    assert colors.tolist() == [2, 256]
+    assert share.tolist() == [1.0, 16 / 256]
+
+
+def test_real_sprites_have_the_pixel_art_statistics_the_issue_names(sprites):
+    """The shipped sprites: a median of 8 colours per sprite, all pixels covered by each sprite's 16 most frequent."""
+    from difflab.metrics.scores import PaletteStats
+
+    stats = PaletteStats()
+    stats.update(sprites.train_set.tensors[0])
+    out = stats.compute()
+    assert out["colors_median"] == 8 and out["top16_share"] > 0.999

@@ -76,9 +76,11 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
 
 
-def test_steps_with_ddpm_is_rejected(trained, tmp_path):
-    result = run_script("sample.py", f"ckpt={trained}", "sampler=ddpm", "steps=10", f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0 and "runs all T steps" in result.stderr
+def test_steps_with_ddpm_is_ignored_with_a_warning_as_in_evaluate(trained, tmp_path):
+    result = run_script("sample.py", f"ckpt={trained}", "sampler=ddpm", "steps=10", "n=1", "gif=false", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "runs all T steps: steps=10 does not apply" in result.stderr + result.stdout
+    assert json.loads((tmp_path / "meta.json").read_text())["steps"] == 100
 
 
 def test_finetune_starts_from_the_pretrained_weights(trained, tmp_path):

@@ -1,5 +1,6 @@
 """Training end to end: the CLI as users type it, sweeps, W&B offline, resume, DDP, bf16, bad input."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def test_cli_cosine_512_exactly_as_written(tmp_path):
     assert cfg.schedule._target_ == "difflab.schedules.CosineSchedule" and cfg.timesteps == 512
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and ckpt["difflab_config"]["schedule"]["timesteps"] == 512
+    # the data set's identity: its config choice and the sha256 of its file, saved at training time
+    data_file = Path(cfg.data.path)
+    assert ckpt["difflab_data"]["choice"] == "sprites" and ckpt["difflab_data"]["name"] == "pixel_sprites_16x16"
+    assert ckpt["difflab_data"]["files"] == {data_file.name: hashlib.sha256(data_file.read_bytes()).hexdigest()}
     assert any(row.get("train/loss") for row in read_metrics(tmp_path))
     assert list((tmp_path / "samples").glob("*.png")) and list((tmp_path / "samples").glob("*_chain.gif"))
     assert f"Run folder: {tmp_path}" in out and "last.ckpt" in out
@@ -51,6 +56,24 @@ def test_sweep_runs_each_job_in_its_own_dir_and_groups_wandb_runs(tmp_path):
         assert f"schedule={schedules[-1].replace('Schedule', '').lower()}".encode() in record  # run name from overrides
         assert list((runs[0] / "files" / "media").rglob("*.png")), "the sample grid went to W&B"
     assert schedules == ["LinearSchedule", "CosineSchedule"]
+
+
+def test_tensorboard_logger_gets_scalars_grids_and_the_config(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_cfg([*TINY, "logger=tensorboard", "timesteps=64", "trainer.log_every_n_steps=1", "~callbacks.progress_bar",
+                       "trainer.enable_progress_bar=false", "callbacks.sample_grid.every_n_epochs=1",
+                       "callbacks.sample_grid.sampler.steps=2", "callbacks.sample_grid.per_class=1"], tmp_path)
+    train(cfg)
+    (folder,) = (tmp_path / "tensorboard").glob("version_*")
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/loss"} <= set(tags["scalars"])
+    (grid,) = events.Images("samples/grid")
+    assert (grid.height, grid.width) == (6 * 64 + 7 * 4, 64 + 2 * 4)  # one 4x-upscaled sprite per class row, 4 px padding
+    assert "samples/grid/caption/text_summary" in tags["tensors"]
+    hparams = OmegaConf.load(folder / "hparams.yaml")
+    assert hparams.timesteps == 64 and hparams.model._target_ == "difflab.nn.unet.UNet"
 
 
 def test_tiny_model_learns_real_sprites(tmp_path):

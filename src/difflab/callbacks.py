@@ -1,23 +1,27 @@
-"""Callbacks: sample grids (and the denoising chain) from the EMA weights, to disk and to the logger."""
+"""Callbacks that sample during training, from the EMA weights: grids (and the denoising chain) to disk and to
+the loggers, and sample quality (FD/KID/accuracy) to the logged metrics. Both make their samples with
+difflab.sampling.generate, in the precision named by their ``precision`` key (as sample.py and evaluate.py).
+
+They run after the first validation batch, while the WeightAveraging callback has the EMA weights swapped in,
+whatever the order of the callbacks.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from difflab.generate import generate
 from difflab.images import grid, save_gif, save_png
+from difflab.loggers import log_image
+from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers.base import Sampler
+from difflab.sampling import class_plan, generate, inference_net
 
-AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-def autocast_dtype(trainer: L.Trainer) -> torch.dtype | None:
-    return AUTOCAST.get(str(trainer.precision))
+log = logging.getLogger(__name__)
 
 
 def due_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
@@ -26,20 +30,20 @@ def due_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
     return (trainer.current_epoch + 1) % every_n_epochs == 0 or last_epoch
 
 
+def first_validation_batch(trainer: L.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
+    return batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking
+
+
 def class_contexts(num_classes: int, per_class: int) -> torch.Tensor:
     """One-hot contexts, ``per_class`` per class, class-major: one grid row per class."""
     return torch.eye(num_classes).repeat_interleave(per_class, 0)
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_epochs`` validation epochs, sample a fixed-seed grid (one row per class).
+    """Every ``every_n_epochs`` validation epochs (and the last), a fixed-seed grid: one row per class."""
 
-    It runs after the first validation batch, while the WeightAveraging callback has the EMA weights
-    swapped in, whatever the order of the callbacks.
-    """
-
-    def __init__(self, sampler: Sampler, every_n_epochs: int = 5, per_class: int = 8, n_uncond: int = 64,
-                 seed: int = 0, guidance: float = 0.0, chain: bool = True, chain_every: int = 1) -> None:
+    def __init__(self, sampler: Sampler, every_n_epochs: int = 5, per_class: int = 8, n_uncond: int = 64, seed: int = 0,
+                 guidance: float = 0.0, chain: bool = True, chain_every: int = 1, precision: str = "auto") -> None:
         self.sampler = sampler
         self.every_n_epochs = every_n_epochs
         self.per_class = per_class
@@ -48,13 +52,11 @@ class SampleGrid(L.Callback):
         self.guidance = guidance
         self.chain = chain
         self.chain_every = chain_every
-        self.last_path: Path | None = None
+        self.precision = precision
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        if due_this_epoch(trainer, self.every_n_epochs):
+        if first_validation_batch(trainer, batch_idx, dataloader_idx) and trainer.is_global_zero and due_this_epoch(trainer, self.every_n_epochs):
             self.render(trainer, pl_module)
 
     @torch.no_grad()
@@ -63,32 +65,67 @@ class SampleGrid(L.Callback):
         k = getattr(net, "num_classes", 0)
         contexts = class_contexts(k, self.per_class) if k else None
         n, nrow = (len(contexts), self.per_class) if k else (self.n_uncond, 8)
-        shape = (net.in_channels, net.image_size, net.image_size)
-        out = generate(net, schedule, self.sampler, n, shape, contexts, self.guidance, self.seed,
-                       record_every=self.chain_every if self.chain else 0, autocast_dtype=autocast_dtype(trainer))
+        out = generate(net, schedule, self.sampler, n, contexts, self.guidance, self.seed, precision=self.precision,
+                       record_every=self.chain_every if self.chain else 0)
         tag = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}"
         folder = Path(trainer.default_root_dir) / "samples"
         image = grid(out.images, nrow)
-        self.last_path = save_png(image, folder / f"{tag}.png")
-        media = {"samples/grid": [image]}
+        path = save_png(image, folder / f"{tag}.png")
+        gif = None
         if self.chain and out.chain:
-            frames = [grid(x, nrow) for x in out.chain]
-            save_gif(frames, folder / f"{tag}_chain.gif")
-            save_gif([grid(x, nrow) for x in out.x0_chain[1:]], folder / f"{tag}_x0.gif")
-            media["samples/chain"] = str(folder / f"{tag}_chain.gif")
-        self.log_media(trainer, media, pl_module)
-        return self.last_path
-
-    def log_media(self, trainer: L.Trainer, media: dict[str, Any], pl_module: L.LightningModule) -> None:
+            gif = save_gif([grid(x, nrow) for x in out.chain], folder / f"{tag}_chain.gif")
+            save_gif([grid(x, nrow) for x in out.x0_chain], folder / f"{tag}_x0.gif")
         names = getattr(pl_module, "class_names", [])
-        caption = "rows: " + ", ".join(names) if names else "unconditional"
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
+        caption = "rows: " + ", ".join(names) if k and names else "unconditional"
+        log_image(trainer.loggers, "samples/grid", image, trainer.global_step, caption, gif)
+        return path
 
-                logger.log_image("samples/grid", media["samples/grid"], step=trainer.global_step, caption=[caption])
-                if "samples/chain" in media:
-                    logger.experiment.log({"samples/chain": wandb.Video(media["samples/chain"], format="gif"),
-                                           "trainer/global_step": trainer.global_step})
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/grid", media["samples/grid"][0], trainer.global_step, dataformats="HWC")
+
+class SampleQuality(L.Callback):
+    """Every ``every_n_epochs`` validation epochs (and the last), FD/KID/accuracy of n samples scored as evaluate.py
+    scores them, logged as val/fd, val/kid, val/cond_acc (class-balanced), val/cond_acc/<class>, ...
+    (ModelCheckpoint can monitor val/fd). Under DDP every rank samples its share and the metric states are
+    gathered, so every rank takes part. ``metrics``: the settings of conf/metrics/ (feature, classifier_ckpt, ...).
+    """
+
+    def __init__(self, sampler: Sampler, metrics: dict[str, Any] | None = None, every_n_epochs: int = 10, n: int = 256,
+                 batch_size: int = 128, seed: int = 0, guidance: float = 0.0, precision: str = "auto") -> None:
+        self.sampler = sampler
+        self.every_n_epochs = every_n_epochs
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.guidance = guidance
+        self.precision = precision
+        self.metrics_cfg = MetricsConfig.from_mapping(metrics)
+        self.context: MetricsContext | None = None
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        # the same decision on every rank: all of them sample, or none
+        if not first_validation_batch(trainer, batch_idx, dataloader_idx) or not due_this_epoch(trainer, self.every_n_epochs):
+            return
+        for key, value in self.evaluate(trainer, pl_module).items():
+            if not key.startswith("_"):
+                pl_module.log(f"val/{key}", value, on_step=False, on_epoch=True, batch_size=1, sync_dist=False)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        schedule = pl_module.schedule
+        net = inference_net(pl_module.net, self.precision, pl_module.device)
+        data_cfg = (getattr(pl_module, "run_config", None) or {}).get("data") or {}
+        k = getattr(net, "num_classes", 0)
+        if self.context is None:  # built on first use: the classifier and real features cost nothing until then
+            identity = getattr(pl_module, "data_identity", None) or trainer.datamodule.identity()
+            self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, identity, conditional=k > 0, device=pl_module.device)
+        plan = class_plan(self.n, self.batch_size, self.seed, k, self.guidance, data_cfg, trainer.datamodule, self.precision)
+        metrics = self.context.new_metrics(trainer.global_rank, trainer.world_size, self.seed)
+        for chunk in plan.chunks_for(trainer.global_rank, trainer.world_size):
+            if chunk >= 0:
+                metrics.update(*plan.generate_chunk(net, schedule, self.sampler, chunk))
+        values = metrics.compute()
+        shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float) and "/" not in k}
+        per_class = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in values.items() if k.startswith("cond_acc/"))
+        log.info(f"epoch {trainer.current_epoch}: sample quality ({self.n} samples, EMA weights) {shown}"
+                 + (f"; accuracy per class: {per_class}" if per_class else ""))
+        return values

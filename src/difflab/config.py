@@ -76,6 +76,13 @@ def fast_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_bf16() else "32"
 
 
+def hydra_choice(group: str) -> str | None:
+    """The option chosen for a config group (data=sprites -> "sprites"), None outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
 def register_resolvers() -> None:
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
     OmegaConf.register_new_resolver("len", lambda x: len(x), replace=True)

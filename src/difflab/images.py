@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,15 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from difflab.generate import to_uint8
+
+def to_uint8(images: Tensor) -> Tensor:
+    # [-1, 1] -> [0, 255]
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    # uint8 [0, 255] -> [-1, 1], the diffusion models' and the classifier's input range
+    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
 
 
 def grid(images: Tensor, nrow: int, scale: int | None = None) -> np.ndarray:
@@ -37,4 +47,16 @@ def save_gif(frames: list[np.ndarray], path: str | Path, duration_ms: int = 80, 
     pil = [Image.fromarray(f) for f in frames]
     durations = [duration_ms] * (len(pil) - 1) + [hold_last_ms]
     pil[0].save(path, save_all=True, append_images=pil[1:], duration=durations, loop=0)
+    return path
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    """Like np.savez, but byte-identical for identical arrays (fixed zip timestamps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, buf.getvalue())
     return path

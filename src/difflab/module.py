@@ -45,6 +45,7 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile = compile
         self.run_config = run_config  # the resolved run config, saved in checkpoints to rebuild net + schedule
+        self.data_identity: dict[str, Any] | None = None  # the data set's name, config choice and file hashes (train.py)
         self.conditional = getattr(net, "num_classes", 0) > 0
         self.val_loss = MeanMetric()
         self.val_loss_quartile = nn.ModuleList(MeanMetric() for _ in range(4))
@@ -134,3 +135,4 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["difflab_config"] = self.run_config
         checkpoint["class_names"] = self.class_names
+        checkpoint["difflab_data"] = self.data_identity

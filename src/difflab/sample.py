@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
-from difflab.config import fast_precision
 from difflab.errors import ConfigError
-from difflab.generate import generate, to_uint8
-from difflab.images import grid, save_gif, save_png
+from difflab.images import grid, save_gif, save_npz, save_png, to_uint8
+from difflab.sampling import effective_sampler, generate, inference_dtype, inference_net
 from difflab.validate import check_sampling, integer
 
 log = logging.getLogger(__name__)
@@ -96,18 +93,6 @@ def _row(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    """Like np.savez, but byte-identical for identical arrays (fixed zip timestamps)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            zf.writestr(info, buf.getvalue())
-    return path
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,18 +112,7 @@ def check_request(cfg: DictConfig) -> None:
     check_sampling(cfg)
     if cfg.gif:
         integer("frames", cfg.frames, 1, " (or gif=false)")
-    if str(cfg.precision) not in ("auto", "32", "bf16"):
-        raise ConfigError(f"precision={cfg.precision}: choose auto, 32 or bf16")
-
-
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """bf16 weights where asked (or, for "auto", where the hardware runs bf16 fast); float32 otherwise."""
-    precision = str(precision)
-    if precision == "auto":
-        precision = "bf16" if fast_precision(device.type).startswith("bf16") else "32"
-    if precision not in ("32", "bf16"):
-        raise ConfigError(f"precision={precision}: choose auto, 32 or bf16")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    inference_dtype(cfg.precision, "cpu")  # the name; what auto means is decided on the device
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
@@ -147,7 +121,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(cfg.device)
     net, schedule = build_from_checkpoint(ckpt, ema=cfg.ema)
-    net, schedule = net.to(device, inference_dtype(cfg.precision, device)), schedule.to(device)
+    net, schedule = inference_net(net, cfg.precision, device), schedule.to(device)
     class_names = list(ckpt.get("class_names") or [])
     if not getattr(net, "num_classes", 0):
         class_names = []
@@ -156,21 +130,16 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     label, context = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (cfg.label, cfg.context))
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
-    sampler_cfg = cfg.sampler.copy()
-    if cfg.steps is not None:
-        if "steps" not in sampler_cfg:
-            raise ConfigError(f"steps={cfg.steps}: sampler {sampler_cfg._target_} runs all T steps; drop steps= (or use sampler=ddim / dpmpp)")
-        sampler_cfg.steps = cfg.steps
+    sampler_cfg = effective_sampler(cfg.sampler, cfg.steps)
     sampler = instantiate(sampler_cfg)
     n_steps = len(sampler.timesteps(schedule.timesteps))
     record_every = max(1, n_steps // cfg.frames) if cfg.gif else 0
-    shape = (net.in_channels, net.image_size, net.image_size)
     n_total = contexts.shape[0] if contexts is not None else cfg.n
 
     log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
     start = time.perf_counter()
-    out = generate(net, schedule, sampler, n_total, shape, contexts, cfg.guidance, cfg.seed, cfg.batch_size,
-                   record_every, progress=True)
+    out = generate(net, schedule, sampler, n_total, contexts, cfg.guidance, cfg.seed, batch_size=cfg.batch_size,
+                   precision=cfg.precision, record_every=record_every, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -184,11 +153,12 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
             images=images.permute(0, 2, 3, 1).numpy(),  # (N, H, W, 3) uint8, as the data set files
             labels=(contexts if contexts is not None else torch.zeros(n_total, len(class_names))).numpy().astype(np.float32),
             class_names=np.array(class_names, dtype=str),
+            index=np.arange(n_total),  # image i's noise comes from (seed, i): the same image in evaluate.py's sample i
         ),
     }
     if cfg.gif:
         files["chain"] = save_gif([grid(x, nrow) for x in out.chain], folder / "chain.gif")
-        files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain[1:]], folder / "x0_chain.gif")
+        files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain], folder / "x0_chain.gif")
     meta = {
         "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
         "seed": cfg.seed, "guidance": cfg.guidance, "rows": captions, "ema": cfg.ema, "device": str(device),

@@ -14,33 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
-from difflab.config import instantiate_group, to_container
+from difflab.config import hydra_choice, instantiate_group, to_container
 from difflab.ddp import use_job_command_for_ddp_ranks
 from difflab.errors import ConfigError
+from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.resume import FinalCheckpoint, Preemption, RandomStates, own_checkpoint
 from difflab.validate import check_trainer_config, integer
 
 log = logging.getLogger(__name__)
-
-
-def use_wandb_offline_without_key() -> None:
-    """W&B goes offline (never blocks on a login prompt or the network) unless a key is configured."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return
-    os.environ["WANDB_MODE"] = "offline"
-    log.info("W&B: no API key found, logging offline (sync later with `wandb sync <run>/wandb/offline-run-*`)")
-
-
-def finish_wandb(loggers: list) -> None:
-    """Close the W&B run: otherwise the next job of a -m sweep (same process) would log into it."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
 
 
 def end_distributed(env_before_fit: dict[str, str]) -> None:
@@ -65,13 +46,6 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     )
     module.run_config = to_container(cfg)  # not through instantiate: it would build the _target_s inside
     return module
-
-
-def quiet_duplicate_logs() -> None:
-    """Lightning adds its own console handler; under Hydra the root logger already prints (and files) it."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
@@ -106,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    module.data_identity = {**datamodule.identity(), "choice": hydra_choice("data")}
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}")
 

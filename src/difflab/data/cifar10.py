@@ -56,6 +56,13 @@ class CIFAR10DataModule(ArrayDataModule):
         self.download = download
         self.verify_checksums = verify_checksums
 
+    name = "cifar10"
+
+    def source_files(self) -> list[Path]:
+        folder = Path(self.root) / CIFAR10.base_folder
+        names = [f for f, _ in CIFAR10.train_list] + [CIFAR10.meta["filename"]]
+        return [folder / f for f in names if (folder / f).is_file()]
+
     def prepare_data(self) -> None:
         if self.verify_checksums and self.download:
             load_cifar10(self.root, train=True, download=True)

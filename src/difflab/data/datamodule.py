@@ -14,7 +14,9 @@ context dropout) do not depend on what ran before in the process.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import lightning as L
@@ -163,6 +165,24 @@ class ArrayDataModule(L.LightningDataModule):
     def describe_source(self) -> str:
         """Where the arrays come from, for error messages."""
         return type(self).__name__
+
+    name = "data"  # a short name for file names (the feature cache) and messages
+
+    def source_files(self) -> list[Path]:
+        """The files the arrays are read from (their hash identifies the data set)."""
+        return []
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this data set: its name, the sha256 of each source file, the classes it trains on.
+        train.py adds the config group choice (data=...) and saves it in checkpoints as ``difflab_data``."""
+        files = {}
+        for path in self.source_files():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            files[path.name] = h.hexdigest()
+        return {"name": self.name, "choice": None, "files": files, "classes": self.classes or list(self.class_names)}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

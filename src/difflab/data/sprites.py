@@ -81,6 +81,13 @@ class SpritesDataModule(ArrayDataModule):
     def describe_source(self) -> str:
         return str(self.labels_path or self.path)
 
+    @property
+    def name(self) -> str:
+        return Path(self.path).name.split(".")[0]
+
+    def source_files(self) -> list[Path]:
+        return [Path(p) for p in (self.path, self.labels_path) if p and Path(p).is_file()]
+
     def load_arrays(self) -> Arrays:
         images, labels, names = load_sprite_arrays(self.path, self.labels_path)
         if names is not None and names != list(self.class_names):

@@ -13,8 +13,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from difflab.errors import DifflabError
+from difflab.images import to_unit_range
 
 FORMAT = "difflab-classifier-v1"
 HOW_TO_TRAIN = "python train_classifier.py data={data}"
@@ -80,6 +82,8 @@ class ClassifierModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.max_shift = max_shift
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(net.num_classes))
+        self.val_acc = MulticlassAccuracy(net.num_classes, average="micro")
+        self.val_acc_balanced = MulticlassAccuracy(net.num_classes, average="macro")
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, context = batch[0], batch[1]
@@ -90,10 +94,11 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, context = batch[0], batch[1]
-        y = context.argmax(1)
-        pred = self.net(x).argmax(1)
-        acc = (pred == y).float().mean()
-        self.log("val/acc", acc, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        logits, y = self.net(x), context.argmax(1)
+        self.val_acc(logits, y)
+        self.val_acc_balanced(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/acc_balanced", self.val_acc_balanced, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -110,18 +115,8 @@ def class_weights(counts: Tensor, power: float) -> Tensor:
 
 @torch.no_grad()
 def predict_logits(net: nn.Module, images_uint8: Tensor, batch_size: int = 1024) -> Tensor:
-    from difflab.metrics.features import to_unit_range
-
     net.eval()
     return torch.cat([net(to_unit_range(images_uint8[i : i + batch_size])) for i in range(0, len(images_uint8), batch_size)])
-
-
-def per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """-> (correct per class, count per class) for integer labels and predictions."""
-    hit = (pred == labels).float()
-    correct = torch.zeros(num_classes).index_add_(0, labels, hit)
-    total = torch.zeros(num_classes).index_add_(0, labels, torch.ones_like(hit))
-    return correct, total
 
 
 def save_classifier(path: str | Path, net: SmallCNN, class_names: Sequence[str], image_size: int, data: dict[str, Any],
@@ -152,23 +147,27 @@ def load_classifier(path: str | Path) -> tuple[SmallCNN, dict[str, Any]]:
     return net.eval(), info
 
 
-def find_classifier(spec: str | Path, class_names: Sequence[str], image_size: int, folder: str | Path, data_hint: str) -> Path:
-    """``spec`` is a path, or "auto": the classifier in ``folder`` trained on these class names and image size."""
+def find_classifier(spec: str | Path, class_names: Sequence[str], image_size: int, folder: str | Path,
+                    data_hint: str) -> tuple[SmallCNN, dict[str, Any]]:
+    """-> (net, info) of ``spec`` (a path), or for "auto" of the classifier in ``folder`` trained on these class
+    names and image size; loaded once and checked against them."""
     how = HOW_TO_TRAIN.format(data=data_hint)
     if str(spec) != "auto":
         path = Path(spec)
         if not path.is_file():
             raise ClassifierError(f"classifier checkpoint not found: {path.resolve()}. Train it with `{how}` "
                                   "(it writes data/classifiers/<data>.ckpt), or point metrics.classifier_ckpt at one.")
-        return path
+        net, info = load_classifier(path)
+        check_matches(info, class_names, image_size)
+        return net, info
     candidates = sorted(Path(folder).glob("*.ckpt"))
     for path in candidates:
         try:
-            _, info = load_classifier(path)
+            net, info = load_classifier(path)
         except (ClassifierError, RuntimeError, KeyError):
             continue
         if list(info["class_names"]) == list(class_names) and info["image_size"] == image_size:
-            return path
+            return net, info
     raise ClassifierError(
         f"no classifier for these classes {list(class_names)} at {image_size}px in {Path(folder).resolve()} "
         f"(found {[p.name for p in candidates] or 'none'}). Train one with `{how}`, or set metrics.classifier_ckpt=<file>."

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from difflab.errors import ConfigError, DifflabError
-from difflab.metrics.classifier import check_matches, find_classifier, load_classifier
+from difflab.images import to_unit_range
+from difflab.metrics.classifier import find_classifier
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 FEATURE_KINDS = ("classifier", "inception")
@@ -27,11 +28,6 @@ FEATURE_KINDS = ("classifier", "inception")
 
 class InceptionUnavailable(DifflabError, RuntimeError):
     """The FID Inception weights cannot be found or downloaded."""
-
-
-def to_unit_range(images: Tensor) -> Tensor:
-    # uint8 [0, 255] -> [-1, 1], the diffusion models' and the classifier's input range
-    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -162,10 +158,7 @@ class PassThrough(nn.Module):
 
 
 def classifier_features(spec: str, class_names: Sequence[str], image_size: int, folder: str | Path, data_hint: str) -> ClassifierFeatures:
-    path = find_classifier(spec, class_names, image_size, folder, data_hint)
-    net, info = load_classifier(path)
-    check_matches(info, class_names, image_size)
-    return ClassifierFeatures(net, info)
+    return ClassifierFeatures(*find_classifier(spec, class_names, image_size, folder, data_hint))
 
 
 def build_feature_net(kind: str, classifier: ClassifierFeatures | None, inception_weights: str | None = None,

@@ -1,4 +1,4 @@
-"""FD, KID, class-conditional accuracy and memorization, as torchmetrics Metrics (their states sync across
+"""FD, KID, class-conditional accuracy, pixel-art colour statistics and memorization, as torchmetrics Metrics (their states sync across
 DDP ranks in ``compute``). One feature pass per image feeds all of them (features.PassThrough).
 
 Every sample carries its global index, and list states are put in index order before anything that
@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
@@ -67,26 +68,59 @@ def _in_index_order(values: list[Tensor] | Tensor, index: list[Tensor] | Tensor)
     return values[index.argsort()]
 
 
-class ConditionalAccuracy(Metric):
-    """acc_c = #{samples made for class c that the classifier assigns to c} / #{samples made for class c}."""
+class ClassAccuracy(MulticlassAccuracy):
+    """acc_c = #{samples made for class c that the classifier assigns to c} / #{samples made for class c}.
 
-    full_state_update = False
-    higher_is_better = True
+    compute -> (class-balanced accuracy: the mean of acc_c over the classes that have samples; acc_c, NaN where
+    class c has none; the frequency-weighted accuracy). torchmetrics' own macro average would count a class
+    with predictions but no samples (a model trained on a subset of the classes) as 0.
+    """
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(num_classes, average="none", **kwargs)
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        support = self.tp + self.fn
+        per_class = torch.where(support > 0, self.tp / support.clamp(min=1), torch.nan).double()
+        return per_class[support > 0].mean(), per_class, self.tp.sum().double() / support.sum().clamp(min=1)
+
+
+class PaletteStats(Metric):
+    """Pixel-art statistics per image: the number of distinct RGB colours, and the share of its pixels that its
+    ``top`` most frequent colours cover (real 16x16 sprites: a median of 8 colours, 100% covered by 16)."""
+
+    full_state_update = False
+
+    def __init__(self, top: int = 16, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("correct", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.top = top
+        self.add_state("colors", [], dist_reduce_fx="cat")
+        self.add_state("coverage", [], dist_reduce_fx="cat")
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        hit = (logits.argmax(1) == labels).double()
-        self.correct.index_add_(0, labels, hit)
-        self.total.index_add_(0, labels, torch.ones_like(hit))
+    def update(self, images: Tensor) -> None:
+        colors, coverage = palette_stats(images, self.top)
+        self.colors.append(colors)
+        self.coverage.append(coverage)
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        """-> (overall accuracy, per-class accuracy with NaN for classes without samples)."""
-        per_class = torch.where(self.total > 0, self.correct / self.total.clamp(min=1), torch.nan)
-        return self.correct.sum() / self.total.sum().clamp(min=1), per_class
+    def compute(self) -> dict[str, float]:
+        colors, coverage = dim_zero_cat(self.colors).double(), dim_zero_cat(self.coverage).double()
+        if not len(colors):
+            return {}
+        return {"colors_median": float(colors.median()), f"top{self.top}_share": float(coverage.mean()),
+                f"top{self.top}_share_min": float(coverage.min())}
+
+
+def palette_stats(images: Tensor, top: int = 16) -> tuple[Tensor, Tensor]:
+    """uint8 (B, 3, H, W) -> (distinct colours (B,), share of pixels in the ``top`` most frequent colours (B,))."""
+    rgb = images.long().flatten(2)
+    codes = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]  # one integer per RGB colour
+    colors, coverage = [], []
+    for row in codes:
+        counts = row.unique(return_counts=True)[1]
+        colors.append(len(counts))
+        coverage.append(counts.topk(min(top, len(counts))).values.sum() / len(row))
+    device = images.device
+    return torch.tensor(colors, device=device), torch.stack(coverage).to(device) if coverage else torch.zeros(0, device=device)
 
 
 class NearestTrainDistance(Metric):
@@ -164,7 +198,8 @@ class SampleMetrics(nn.Module):
         self.fd = frechet_distance(feature_net.num_features, sync)
         self.kid = KernelDistance(kid_subsets, kid_subset_size, seed, sync_on_compute=sync)
         use_acc = conditional and classifier is not None and bool(class_names)
-        self.acc = ConditionalAccuracy(len(self.class_names), sync_on_compute=sync) if use_acc else None
+        self.acc = ClassAccuracy(len(self.class_names), sync_on_compute=sync) if use_acc else None
+        self.palette = PaletteStats(sync_on_compute=sync)
         self.memo = NearestTrainDistance(train_images, sync_on_compute=sync) if train_images is not None else None
 
     def add_real(self, features: Tensor, index: Tensor) -> None:
@@ -185,6 +220,8 @@ class SampleMetrics(nn.Module):
         self.kid.update(features, index, real=False)
         if self.acc is not None and labels is not None and logits is not None:
             self.acc.update(logits, labels)
+        if images.shape[1] == 3:
+            self.palette.update(images)
         if self.memo is not None:
             self.memo.update(images, index)
 
@@ -196,6 +233,9 @@ class SampleMetrics(nn.Module):
             self.kid.fake_index.append(torch.zeros(0, dtype=torch.long, device=device))
         if not self.kid.real_features:
             self.kid.update(torch.zeros(0, self.feature_net.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device), real=True)
+        if not self.palette.colors:
+            self.palette.colors.append(torch.zeros(0, dtype=torch.long, device=device))
+            self.palette.coverage.append(torch.zeros(0, device=device))
         if self.memo is not None and not self.memo.distance:
             self.memo.distance.append(torch.zeros(0, device=device))
             self.memo.nearest.append(torch.zeros(0, dtype=torch.long, device=device))
@@ -207,9 +247,11 @@ class SampleMetrics(nn.Module):
         kid, kid_std = self.kid.compute()
         out: dict[str, Any] = {"fd": float(self.fd.compute()), "kid": float(kid), "kid_std": float(kid_std)}
         if self.acc is not None:
-            overall, per_class = self.acc.compute()
-            out["cond_acc"] = float(overall)
+            balanced, per_class, weighted = self.acc.compute()
+            out["cond_acc"] = float(balanced)
+            out["cond_acc_weighted"] = float(weighted)
             out.update({f"cond_acc/{name}": float(a) for name, a in zip(self.class_names, per_class.tolist()) if a == a})
+        out.update(self.palette.compute())
         if self.memo is not None:
             distance, nearest = self.memo.compute()
             out.update(distance_summary(distance, self.threshold))
@@ -217,6 +259,6 @@ class SampleMetrics(nn.Module):
         return out
 
     def reset(self) -> None:
-        for m in (self.fd, self.kid, self.acc, self.memo):
+        for m in (self.fd, self.kid, self.acc, self.palette, self.memo):
             if m is not None:
                 m.reset()

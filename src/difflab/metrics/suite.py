@@ -11,10 +11,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from difflab.config import PROJECT_ROOT
 from difflab.errors import ConfigError
 from difflab.metrics.cache import real_features
 from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features
-from difflab.metrics.sampling import data_choice, dataset_name
 from difflab.metrics.scores import SampleMetrics
 
 log = logging.getLogger(__name__)
@@ -37,29 +37,38 @@ class MetricsConfig:
     memorization: bool = True
     threshold: float = 0.05
 
+    def __post_init__(self) -> None:
+        if self.real_split not in SPLITS:
+            raise ConfigError(f"metrics.real_split must be one of {SPLITS}, got {self.real_split!r}")
+        for name in ("classifiers_dir", "cache_dir"):  # relative folders are the project root's, not the working directory's
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_absolute():
+                setattr(self, name, str(PROJECT_ROOT / value))
+
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MetricsConfig:
+    def from_mapping(cls, cfg: Mapping[str, Any] | MetricsConfig | None) -> MetricsConfig:
+        if isinstance(cfg, MetricsConfig):
+            return cfg
         cfg = dict(cfg or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known - {"_target_"})
         if unknown:
             raise ConfigError(f"unknown metrics settings {unknown}; known: {sorted(known)}")
-        out = cls(**{k: v for k, v in cfg.items() if k in known})
-        if out.real_split not in SPLITS:
-            raise ConfigError(f"metrics.real_split must be one of {SPLITS}, got {out.real_split!r}")
-        return out
+        return cls(**{k: v for k, v in cfg.items() if k in known})
 
 
 class MetricsContext:
     """Built once per run from a set-up ArrayDataModule; ``new_metrics`` gives a fresh SampleMetrics holding
     this rank's share of the real features."""
 
-    def __init__(self, cfg: MetricsConfig, datamodule: Any, data_cfg: Mapping[str, Any], conditional: bool,
+    def __init__(self, cfg: MetricsConfig, datamodule: Any, identity: Mapping[str, Any], conditional: bool,
                  device: torch.device | str = "cpu") -> None:
+        """identity: the data set's name and config choice, as ArrayDataModule.identity() gives and train.py saves
+        in checkpoints (names the cache files and the train_classifier.py command in hints)."""
         self.cfg = cfg
         self.class_names = list(datamodule.class_names)
         self.conditional = conditional
-        self.dataset = dataset_name(data_cfg)
+        self.dataset = str(identity.get("name") or "data")
         train_images = datamodule.train_set.tensors[0]
         self.image_size = int(train_images.shape[-1])
         self.splits = {"train": datamodule.train_set.tensors[:2], "val": datamodule.val_set.tensors[:2]}
@@ -67,19 +76,16 @@ class MetricsContext:
         self.classifier: ClassifierFeatures | None = None
         if cfg.feature == "classifier" or (cfg.cond_acc and conditional):
             self.classifier = classifier_features(cfg.classifier_ckpt, self.class_names, self.image_size, cfg.classifiers_dir,
-                                                  data_choice(data_cfg)).to(device)
+                                                  str(identity.get("choice") or "<your data>")).to(device)
         self.feature_net: FeatureNet = build_feature_net(cfg.feature, self.classifier, cfg.inception_weights, cfg.inception_antialias).to(device)
         self.device = device
-        self.real, _ = self.features_of(cfg.real_split)
+        self.real = self.features_of(cfg.real_split)
         self.train_images = train_images if cfg.memorization else None
 
-    def features_of(self, split: str) -> tuple[Tensor, Tensor | None]:
-        """Cached (features, classifier logits or None) of a real split."""
+    def features_of(self, split: str) -> Tensor:
+        """Cached features of a real split (FD/KID compare against them; the reference scores val as samples)."""
         images = self.splits[split][0]
-        feats, logits = real_features(self.feature_net, images, self.dataset, split, self.cfg.cache_dir, self.cfg.feature_batch_size, self.device)
-        if self.classifier is not None and self.classifier is not self.feature_net:
-            logits = real_features(self.classifier, images, self.dataset, split, self.cfg.cache_dir, self.cfg.feature_batch_size, self.device)[1]
-        return feats, logits
+        return real_features(self.feature_net, images, self.dataset, split, self.cfg.cache_dir, self.cfg.feature_batch_size, self.device)[0]
 
     def new_metrics(self, rank: int = 0, world: int = 1, seed: int = 0, sync: bool = True) -> SampleMetrics:
         m = SampleMetrics(self.feature_net, self.classifier if self.cfg.cond_acc else None, self.class_names, self.conditional,
@@ -102,12 +108,3 @@ class MetricsContext:
         out = m.compute()
         out["n"] = len(images)
         return out
-
-
-def resolve_dirs(cfg: MetricsConfig, root: str | Path) -> MetricsConfig:
-    """Relative classifier/cache folders are taken from the project root, not the working directory."""
-    for name in ("classifiers_dir", "cache_dir"):
-        value = getattr(cfg, name)
-        if value is not None and not Path(value).is_absolute():
-            setattr(cfg, name, str(Path(root) / value))
-    return cfg

@@ -135,7 +135,7 @@ class SweepSummary(Callback):
     def log_wandb(config: DictConfig, folder: Path, files: dict[str, Path]) -> None:
         import wandb
 
-        from difflab.train import use_wandb_offline_without_key
+        from difflab.loggers import use_wandb_offline_without_key
 
         use_wandb_offline_without_key()
         rows = collect(folder)

@@ -8,17 +8,20 @@ image", where alpha_bar = 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from difflab.diffusion import Denoiser
+from difflab.diffusion import Denoiser, predict_x0_from_eps
 from difflab.errors import ConfigError
 from difflab.schedules import NoiseSchedule
 from difflab.validate import integer, number
 
 SPACINGS = ("leading", "trailing", "linspace")
+# where step noise comes from: one torch.Generator for the batch, or per-image streams (anything with randn_like)
+Noise = Any
 
 
 def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -50,6 +53,11 @@ def check_settings(steps: int | None = None, spacing: str | None = None, eta: fl
         number("sampler.eta", eta, 0, 1, " (0: deterministic DDIM, 1: DDPM-like noise)")
 
 
+def at(t: int, x: Tensor) -> Tensor:
+    """The integer timestep t for every row of x, for difflab.diffusion's per-row formulas."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
 def alpha_bar(s: NoiseSchedule, t: int) -> Tensor:
     """alpha_bar_t as a 0-d tensor, with alpha_bar_{-1} = 1."""
     return s.alphas_cumprod[t] if t >= 0 else torch.ones((), device=s.alphas_cumprod.device)
@@ -59,8 +67,8 @@ def alpha_bar(s: NoiseSchedule, t: int) -> Tensor:
 class SampleOutput:
     images: Tensor  # (N, C, H, W), float in [-1, 1] (unclamped model output)
     chain: list[Tensor] = field(default_factory=list)  # recorded x_t, first = x_T, last = images
-    x0_chain: list[Tensor] = field(default_factory=list)  # predicted x_0 at the same steps
-    chain_t: list[int] = field(default_factory=list)  # the t of each frame (-1 = final)
+    x0_chain: list[Tensor] = field(default_factory=list)  # the x_0 predicted at each recorded step: chain[1:]'s
+    chain_t: list[int] = field(default_factory=list)  # the t of each chain frame (-1 = final)
 
 
 class Sampler:
@@ -74,14 +82,13 @@ class Sampler:
     def reset(self) -> None:
         """Clear state carried between steps (multistep solvers)."""
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
         """One update x_t -> x_{t_prev}; returns (x_prev, predicted x_0)."""
         raise NotImplementedError
 
     def predict_x0(self, s: NoiseSchedule, x_t: Tensor, t: int, eps: Tensor) -> Tensor:
-        ab = alpha_bar(s, t)
-        # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
-        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), clipped to the data range where asked
+        x0 = predict_x0_from_eps(s, x_t, at(t, x_t), eps)
         return x0.clamp(-1, 1) if self.clip_x0 else x0
 
     @torch.no_grad()
@@ -90,7 +97,7 @@ class Sampler:
         denoise: Denoiser,
         s: NoiseSchedule,
         x_T: Tensor,
-        generator: torch.Generator | None = None,
+        generator: Noise | None = None,
         record_every: int = 0,
         progress: bool = False,
     ) -> SampleOutput:
@@ -99,11 +106,10 @@ class Sampler:
         out = SampleOutput(images=x_T)
         x = x_T
         if record_every:
-            out.chain.append(x.cpu()), out.x0_chain.append(torch.zeros_like(x).cpu()), out.chain_t.append(ts[0])
+            out.chain.append(x.cpu()), out.chain_t.append(ts[0])
         steps = list(zip(ts, ts[1:] + [-1]))
         for i, (t, t_prev) in enumerate(_progress(steps, progress, type(self).__name__)):
-            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = denoise(x, t_batch).float()
+            eps = denoise(x, at(t, x)).float()
             x, x0 = self.step(s, eps, t, t_prev, x, generator)
             if record_every and ((i + 1) % record_every == 0 or t_prev == -1):
                 out.chain.append(x.cpu()), out.x0_chain.append(x0.cpu()), out.chain_t.append(t_prev)
@@ -119,7 +125,9 @@ def _progress(steps: list, enabled: bool, name: str):
     return tqdm(steps, desc=name, leave=False)
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def noise_like(x: Tensor, generator: Noise | None) -> Tensor:
+    if hasattr(generator, "randn_like"):  # per-image streams (difflab.sampling.ImageNoise)
+        return generator.randn_like(x)
     # drawn on the generator's device, so a CPU generator gives the same numbers on any accelerator
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from difflab.samplers.base import Sampler, alpha_bar, check_settings, noise_like, spaced_timesteps
+from difflab.diffusion import predict_eps_from_x0
+from difflab.samplers.base import Noise, Sampler, alpha_bar, at, check_settings, noise_like, spaced_timesteps
 from difflab.schedules import NoiseSchedule
 
 
@@ -20,12 +20,12 @@ class DDIMSampler(Sampler):
     def timesteps(self, T: int) -> list[int]:
         return spaced_timesteps(T, self.steps, self.spacing)
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
         ab, ab_prev = alpha_bar(s, t), alpha_bar(s, t_prev)
         x0 = self.predict_x0(s, x_t, t, eps)
         if self.clip_x0:
-            # the direction term uses the eps consistent with the clipped x_0
-            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+            # the direction term uses the eps consistent with the clipped x_0: eps = (x_t - sqrt(ab_t) x_0) / sqrt(1 - ab_t)
+            eps = predict_eps_from_x0(s, x_t, at(t, x_t), x0)
         # sigma_t = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
         sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         # x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z

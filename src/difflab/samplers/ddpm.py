@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from difflab.diffusion import q_posterior
 from difflab.errors import ConfigError
-from difflab.samplers.base import Sampler, noise_like
+from difflab.samplers.base import Noise, Sampler, at, noise_like
 from difflab.schedules import NoiseSchedule
 
 VARIANCES = ("beta", "posterior")
@@ -24,11 +24,11 @@ class DDPMSampler(Sampler):
     def timesteps(self, T: int) -> list[int]:
         return list(range(T - 1, -1, -1))
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
         x0 = self.predict_x0(s, x_t, t, eps)
         if self.clip_x0:
-            # mu from the clipped x_0: mu = c1 x_0 + c2 x_t (equal to the eps form below without clipping)
-            mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
+            # mu from the clipped x_0: the posterior mean of q(x_{t-1} | x_t, x_0) (the eps form below without clipping)
+            mean = q_posterior(s, x0, x_t, at(t, x_t))[0]
         else:
             # mu = 1/sqrt(a_t) (x_t - b_t / sqrt(1 - ab_t) eps)
             mean = (x_t - s.betas[t] / s.sqrt_one_minus_alphas_cumprod[t] * eps) / s.alphas[t].sqrt()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.samplers.base import Sampler, alpha_bar, check_settings, spaced_timesteps
+from difflab.samplers.base import Noise, Sampler, alpha_bar, check_settings, spaced_timesteps
 from difflab.schedules import NoiseSchedule
 
 
@@ -32,7 +32,7 @@ class DPMSolverPP2MSampler(Sampler):
     def reset(self) -> None:
         self._last = None
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
         x0 = self.predict_x0(s, x_t, t, eps)
         ab = alpha_bar(s, t)
         lam = 0.5 * (ab.log() - (1 - ab).log())

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from difflab.diffusion import Denoiser
 
 
-def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0, autocast_dtype: torch.dtype | None = None) -> Denoiser:
+def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0) -> Denoiser:
     """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0.
 
     Inputs are cast to the network's own dtype (a bf16 copy of the weights samples faster on CPU than
@@ -23,7 +23,7 @@ def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: flo
 
     def call(x: Tensor, t: Tensor, ctx: Tensor | None, keep: Tensor | None) -> Tensor:
         ctx = ctx.to(dtype) if ctx is not None else None
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(x.device.type, enabled=False):  # the weights' dtype decides, also inside a bf16-mixed trainer
             return net(x.to(dtype), t, ctx, keep).float()
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:

@@ -24,11 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from difflab.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, resolve_checkpoint
-from difflab.config import PROJECT_ROOT, instantiate_group, to_container
-from difflab.images import grid, save_png
-from difflab.metrics.sampling import SamplePlan, class_plan, generate_chunk
-from difflab.metrics.suite import MetricsConfig, MetricsContext, resolve_dirs
+from difflab.config import hydra_choice, instantiate_group, to_container
+from difflab.images import grid, save_npz, save_png
+from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
+from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers.base import Sampler
+from difflab.sampling import SamplePlan, class_plan, effective_sampler, inference_dtype, inference_net
 from difflab.validate import check_sampling, check_trainer_config
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class EvalModule(L.LightningModule):
         self.net, self.schedule = net, schedule
         self.sampler, self.plan, self.context, self.seed = sampler, plan, context, seed
         self.results: dict[str, Any] = {}
-        self.preview: torch.Tensor | None = None
+        self.parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # this rank's (images, labels, index)
+        self.samples: dict[str, np.ndarray] = {}  # all ranks' samples in index order, on rank 0
         self.seconds = 0.0
 
     def test_dataloader(self) -> DataLoader:
@@ -63,6 +65,7 @@ class EvalModule(L.LightningModule):
         return DataLoader(chunks, batch_size=None, sampler=_Chunks(chunks))
 
     def on_test_start(self) -> None:
+        self.net = inference_net(self.net, self.plan.precision, self.device)
         self.context.feature_net.to(self.device)
         if self.context.classifier is not None:
             self.context.classifier.to(self.device)
@@ -74,35 +77,33 @@ class EvalModule(L.LightningModule):
         chunk = int(chunk)
         if chunk < 0:
             return
-        from difflab.callbacks import autocast_dtype
-
-        images, labels, index = generate_chunk(self.net, self.schedule, self.sampler, self.plan, chunk, autocast_dtype(self.trainer))
+        images, labels, index = self.plan.generate_chunk(self.net, self.schedule, self.sampler, chunk)
         self.metrics.update(images, labels, index)
-        if chunk == 0:
-            self.preview = images[:64].cpu()
+        self.parts.append((images.cpu(), labels.cpu() if labels is not None else None, index.cpu()))
 
     def on_test_epoch_end(self) -> None:
         self.results = self.metrics.compute()
         self.seconds = time.perf_counter() - self.start  # after the gather: the slowest rank's sampling + scoring
-
-
-def effective_sampler(cfg: DictConfig) -> DictConfig:
-    sampler_cfg = cfg.sampler.copy()
-    if cfg.get("steps") is not None:
-        if "steps" in sampler_cfg:
-            sampler_cfg.steps = cfg.steps
-        else:
-            log.warning(f"{sampler_cfg._target_} runs all T steps: steps={cfg.steps} does not apply")
-    return sampler_cfg
+        parts = self.parts
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        if self.trainer.is_global_zero and parts:
+            index = torch.cat([p[2] for p in parts])
+            order = index.argsort()
+            labels = [p[1] for p in parts if p[1] is not None]
+            self.samples = {"images": torch.cat([p[0] for p in parts])[order].permute(0, 2, 3, 1).numpy(),  # (N, H, W, C)
+                            "index": index[order].numpy()}
+            if labels:
+                # one-hot contexts (N, K) float32, as sample.py and the data set files
+                self.samples["labels"] = torch.nn.functional.one_hot(torch.cat(labels)[order], self.plan.num_classes).float().numpy()
 
 
 def sampler_name(cfg: DictConfig) -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get("sampler")
-        if choice:
-            return str(choice)
+    choice = hydra_choice("sampler")
+    if choice:
+        return str(choice)
     return str(cfg.sampler._target_).rsplit(".", 1)[-1].replace("Sampler", "").lower()
 
 
@@ -111,7 +112,7 @@ def run_key(ckpt_path: Path, cfg: DictConfig, sampler_cfg: DictConfig, data_cfg:
     parts = {"ckpt": str(ckpt_path.resolve()), "mtime": ckpt_path.stat().st_mtime, "ema": cfg.ema,
              "sampler": OmegaConf.to_container(sampler_cfg, resolve=True), "n": cfg.n, "seed": cfg.seed,
              "batch_size": cfg.batch_size, "guidance": cfg.guidance, "metrics": to_container(cfg.metrics), "data": data_cfg,
-             "precision": str(cfg.trainer.get("precision"))}
+             "precision": str(cfg.precision)}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -139,14 +140,25 @@ def find_reusable(key: str, folder: Path | None, own: Path) -> dict[str, Any] | 
     return None
 
 
+def data_identity(ckpt: dict[str, Any], cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """The identity train.py saved (checked against the files now), or for data=... the one given."""
+    now = datamodule.identity()
+    if cfg.get("data"):
+        return {**now, "choice": hydra_choice("data")}
+    saved = ckpt.get("difflab_data") or {**now, "choice": None}  # checkpoints from before identities were saved
+    changed = [f for f, digest in saved.get("files", {}).items() if now["files"].get(f, digest) != digest]
+    if changed:
+        log.warning(f"{', '.join(changed)} changed since this model was trained (sha256 differs): scores compare against today's files")
+    return saved
+
+
 def check_request(cfg: DictConfig) -> None:
     check_sampling(cfg, 2, " (FD/KID need at least 2 samples; compare runs at equal n, e.g. n=1000)")
     check_trainer_config(cfg.trainer)
+    inference_dtype(cfg.precision, "cpu")  # the name is checked here, the device once the trainer has one
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    from difflab.train import quiet_duplicate_logs, use_wandb_offline_without_key
-
     quiet_duplicate_logs()
     check_request(cfg)
     if "wandb" in (cfg.get("logger") or {}):
@@ -156,7 +168,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     net, schedule = build_from_checkpoint(ckpt, ema=cfg.ema)
     class_names = list(ckpt.get("class_names") or [])
     data_cfg = to_container(cfg.data) if cfg.get("data") else dict(ckpt["difflab_config"]["data"])
-    sampler_cfg = effective_sampler(cfg)
+    sampler_cfg = effective_sampler(cfg.sampler, cfg.get("steps"))
     out_dir = Path(cfg.paths.output_dir)
     key = run_key(ckpt_path, cfg, sampler_cfg, data_cfg)
     name = sampler_name(cfg)
@@ -174,9 +186,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"the checkpoint's classes {class_names} differ from the data set's {list(datamodule.class_names)}")
     sampler = instantiate(sampler_cfg)
     k = getattr(net, "num_classes", 0)
-    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, cfg.guidance, data_cfg, datamodule)
-    mcfg = resolve_dirs(MetricsConfig.from_mapping(to_container(cfg.metrics)), PROJECT_ROOT)
-    context = MetricsContext(mcfg, datamodule, data_cfg, conditional=k > 0)
+    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, cfg.guidance, data_cfg, datamodule, cfg.precision)
+    mcfg: MetricsConfig = instantiate(cfg.metrics)
+    context = MetricsContext(mcfg, datamodule, data_identity(ckpt, cfg, datamodule), conditional=k > 0)
 
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[], enable_checkpointing=False)
@@ -189,6 +201,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     row: dict[str, Any] = {
         "sampler": name, "steps": n_steps, "steps_requested": cfg.get("steps"), "n": cfg.n, "guidance": cfg.guidance,
         "seed": cfg.seed, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(ckpt_path),
+        "precision": str(next(module.net.parameters()).dtype).removeprefix("torch."),
         "schedule": type(schedule).__name__.removesuffix("Schedule").lower(), "timesteps": schedule.timesteps,
         **{k: v for k, v in values.items() if not k.startswith("_")},
         "seconds": round(module.seconds, 2), "images_per_second": round(cfg.n / max(module.seconds, 1e-9), 2),
@@ -197,8 +210,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     reference = None
     if cfg.get("reference", True):
         reference = {k: v for k, v in context.reference(cfg.seed).items() if not k.startswith("_")}
-    if module.preview is not None:
-        save_png(grid(module.preview, 8), out_dir / "samples.png")
+    if module.samples:
+        save_png(grid(torch.from_numpy(module.samples["images"][:64]).permute(0, 3, 1, 2), 8), out_dir / "samples.png")
+        if cfg.get("save_samples", True):
+            save_npz(out_dir / "samples.npz", **module.samples, class_names=np.array(class_names, dtype=str))
     if "_distance" in values:
         np.savez(out_dir / "nearest_train.npz", distance=values["_distance"].numpy(), nearest=values["_nearest"].numpy())
     return finish(cfg, row, reference, out_dir, loggers)
@@ -206,7 +221,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def finish(cfg: DictConfig, row: dict[str, Any], reference: dict[str, Any] | None, out_dir: Path, loggers: list) -> dict[str, Any]:
     from difflab.metrics.summary import log_to_loggers, print_result, write_summary
-    from difflab.train import finish_wandb
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_container(cfg)

@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.config import instantiate_group, to_container
-from difflab.metrics.classifier import ClassifierModule, class_weights, per_class_accuracy, predict_logits, save_classifier
+from difflab.metrics.classifier import ClassifierModule, class_weights, predict_logits, save_classifier
+from difflab.metrics.scores import ClassAccuracy
 from difflab.validate import check_trainer_config, integer, number
 
 log = logging.getLogger(__name__)
@@ -24,15 +25,15 @@ log = logging.getLogger(__name__)
 def held_out_report(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     """Accuracy of ``net`` on uint8 images, computed exactly as the metrics classify (predict_logits)."""
     y = labels.argmax(1)
-    pred = predict_logits(net, images).argmax(1)
-    correct, total = (v.long().tolist() for v in per_class_accuracy(pred, y, len(class_names)))
-    per_class = {n: (c / t if t else None) for n, c, t in zip(class_names, correct, total)}
-    seen = [a for a in per_class.values() if a is not None]
+    acc = ClassAccuracy(len(class_names))
+    acc.update(predict_logits(net, images), y)
+    balanced, per_class, weighted = acc.compute()
+    total = torch.bincount(y, minlength=len(class_names)).tolist()
     return {
-        "val_accuracy": sum(correct) / sum(total),  # exact ratios (Python floats), as ConditionalAccuracy's float64
-        "val_accuracy_balanced": sum(seen) / len(seen),  # mean over classes: what balanced conditional samples see
-        "val_accuracy_per_class": per_class,
-        "val_count_per_class": {n: int(t) for n, t in zip(class_names, total)},
+        "val_accuracy": float(weighted),
+        "val_accuracy_balanced": float(balanced),  # mean over classes: what balanced conditional samples see
+        "val_accuracy_per_class": {n: (float(a) if a == a else None) for n, a in zip(class_names, per_class.tolist())},
+        "val_count_per_class": dict(zip(class_names, total)),
         "n_val": sum(total),
     }
 

@@ -1,0 +1,187 @@
+"""The one sampling path (difflab.sampling): image i depends only on (seed, i, its label, the sampler and its
+settings), through sample.py, evaluate.py and the plan's ranks; one precision policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.errors import ConfigError
+from difflab.nn.unet import UNet
+from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
+from difflab.sampling import ImageNoise, SamplePlan, generate, image_seed, inference_dtype, inference_net, proportional_labels
+from difflab.schedules import LinearSchedule
+from difflab.train import build_module
+
+from support import compose_cfg, reorder_tol
+
+K = 6
+CLASSES = ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
+SAMPLERS = {
+    "ddpm": (["sampler=ddpm"], lambda: DDPMSampler("beta")),
+    "ddim_eta0": (["sampler=ddim", "steps=4", "sampler.eta=0.0"], lambda: DDIMSampler(4, eta=0.0)),
+    "ddim_eta1": (["sampler=ddim", "steps=4", "sampler.eta=1.0"], lambda: DDIMSampler(4, eta=1.0)),
+    "dpmpp": (["sampler=dpmpp", "steps=4"], lambda: DPMSolverPP2MSampler(4)),
+}
+
+
+def randomize_zeros(net: torch.nn.Module) -> torch.nn.Module:
+    """Zero-initialised tensors (output conv, null embedding) get small values, so the network's output depends on
+    its input, its batch and its context (an untrained network predicts eps = 0)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.abs().sum():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return net
+
+
+@pytest.fixture(scope="module")
+def small():
+    net = randomize_zeros(UNet(image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                               dropout=0.0, num_classes=K, norm_groups=8))
+    return net.eval(), LinearSchedule(20)
+
+
+def test_image_noise_rows_are_their_own_generators() -> None:
+    noise = ImageNoise(3, [5, 0, 9])
+    first = noise.randn((2, 2))
+    second = noise.randn((2, 2))
+    for row, i in enumerate([5, 0, 9]):
+        g = torch.Generator().manual_seed(image_seed(3, i))
+        assert torch.equal(first[row], torch.randn((2, 2), generator=g))
+        assert torch.equal(second[row], torch.randn((2, 2), generator=g))  # the stream continues
+    assert len({image_seed(0, i) for i in range(1000)} | {image_seed(1, i) for i in range(1000)}) == 2000
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_image_i_depends_on_seed_and_index_not_batching(small, name) -> None:
+    """n=8 in batches of 3 vs one batch of 8 vs images 5..7 alone: the same noise per image, so the same images up to
+    the rounding of batched kernels (the network sums in a batch-dependent order); other seeds give other images."""
+    net, s = small
+    ctx = torch.eye(K)[torch.arange(8) % K]
+    make = SAMPLERS[name][1]
+    a = generate(net, s, make(), 8, ctx, 2.0, seed=1, batch_size=3).images
+    b = generate(net, s, make(), 8, ctx, 2.0, seed=1, batch_size=8).images
+    c = generate(net, s, make(), 3, ctx[5:], 2.0, seed=1, index=[5, 6, 7], batch_size=2).images
+    steps = len(make().timesteps(s.timesteps))
+    # per step: 8 layers of width <= 9 * 32, each guided eps amplifying differences by 1 + 2w = 5; steps compound
+    tol = steps * 5 * reorder_tol(b, layers=8, width=9 * 32)
+    assert (a - b).abs().max() <= tol and (a[5:] - c).abs().max() <= tol
+    assert torch.equal(generate(net, s, make(), 8, ctx, 2.0, seed=1, batch_size=3).images, a)  # same batches: bitwise
+    other = generate(net, s, make(), 8, ctx, 2.0, seed=2, batch_size=3).images
+    assert (other - a).abs().amax(dim=(1, 2, 3)).min() > 0.1  # every image changes with the seed
+
+
+def test_record_every_chain_and_x0_frames(small) -> None:
+    net, s = small
+    sampler = DDIMSampler(4, eta=0.0, clip_x0=False)
+    out = generate(net, s, sampler, 3, seed=7, batch_size=2, record_every=1)
+    ts = sampler.timesteps(20)
+    assert out.chain_t == ts + [-1]
+    assert len(out.chain) == 5 and len(out.x0_chain) == 4  # x_T, then one x_t and one x_0 prediction per step
+    assert torch.equal(out.chain[0], ImageNoise(7, range(3)).randn((3, 8, 8)))  # x_T: each image's first draw
+    assert torch.equal(out.chain[-1], out.images) and torch.equal(out.x0_chain[-1], out.images)  # DDIM's last step is x_0
+    every3 = generate(net, s, sampler, 3, seed=7, batch_size=2, record_every=3)
+    assert every3.chain_t == [ts[0], ts[3], -1]
+    assert generate(net, s, sampler, 3, seed=7).chain == []
+
+
+def test_generate_restores_training_mode_and_keeps_float32_weights(small) -> None:
+    net, s = small
+    net.train()
+    generate(net, s, DDIMSampler(2), 1, torch.eye(K)[:1], precision="bf16")
+    assert net.training and next(net.parameters()).dtype == torch.float32
+    net.eval()
+    generate(net, s, DDIMSampler(2), 1, torch.eye(K)[:1])
+    assert not net.training
+
+
+def test_one_precision_policy(small, monkeypatch) -> None:
+    net, s = small
+    assert inference_dtype("32", "cpu") == torch.float32 and inference_dtype("bf16", "cpu") == torch.bfloat16
+    for has_bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr("difflab.sampling.cpu_has_bf16", lambda v=has_bf16: v)
+        assert inference_dtype("auto", "cpu") == dtype
+    with pytest.raises(ConfigError, match="precision=fp8: choose one of auto, 32, bf16"):
+        inference_dtype("fp8", "cpu")
+    assert inference_net(net, "32", "cpu") is net
+    copy = inference_net(net, "bf16", "cpu")
+    assert copy is not net and next(copy.parameters()).dtype == torch.bfloat16
+    ctx = torch.eye(K)[:4]
+    full = generate(net, s, DDIMSampler(3), 4, ctx, seed=0).images
+    half = generate(net, s, DDIMSampler(3), 4, ctx, seed=0, precision="bf16").images
+    # bf16 weights and activations (8 bits of mantissa): close to float32, not equal
+    assert 0 < (full - half).abs().max() <= 0.1
+
+
+def test_plan_gives_the_same_images_on_any_number_of_ranks(small) -> None:
+    net, s = small
+    plan = SamplePlan(n=10, batch_size=3, seed=4, num_classes=K, classes=range(K), guidance=1.0)
+    one = {int(i): img for c in plan.chunks_for(0, 1) for img, i in zip(*plan.generate_chunk(net, s, DDIMSampler(3), c)[::2])}
+    two = {}
+    for rank in range(2):
+        for c in plan.chunks_for(rank, 2):
+            images, _, index = plan.generate_chunk(net, s, DDIMSampler(3), c)
+            two.update({int(i): img for img, i in zip(images, index)})
+    assert sorted(one) == sorted(two) == list(range(10))
+    assert all(torch.equal(one[i], two[i]) for i in range(10))  # the same chunks: bitwise
+    assert plan.chunks_for(5, 8) == [-1]  # more ranks than chunks: some make nothing
+
+
+def test_proportional_labels_follow_the_weights_and_spread_out() -> None:
+    labels = proportional_labels(100, [0, 2, 5], [3.0, 1.0, 1.0])
+    assert torch.bincount(labels, minlength=6).tolist() == [60, 0, 20, 0, 0, 20]
+    assert torch.bincount(labels[:50], minlength=6).tolist() == [30, 0, 10, 0, 0, 10]  # evenly along the index
+    assert proportional_labels(7, [1, 3]).tolist().count(1) in (3, 4)
+
+
+# ---- the entry points: sample.py and evaluate.py make the same image i ----
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from difflab.metrics.classifier import SmallCNN, save_classifier
+
+    out = tmp_path_factory.mktemp("equal")
+    cfg = compose_cfg(["model=unet_tiny", "logger=none", "timesteps=20"], out)
+    module = build_module(cfg)
+    randomize_zeros(module.net)
+    ckpt = out / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "difflab_config": module.run_config, "class_names": module.class_names}, ckpt)
+    torch.manual_seed(0)
+    clf = save_classifier(out / "clf.ckpt", SmallCNN(6, channels=(8, 16)), CLASSES, 16, {}, {})
+    return {"ckpt": ckpt, "classifier": clf, "cache": out / "cache"}
+
+
+def npz(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sample_py_and_evaluate_py_make_the_same_images(checkpoint, tmp_path, name) -> None:
+    """sample.py label=food n=8 with batch_size 3 and 8, and evaluate.py n=8 on the food class only (so its labels are
+    the same), seed 5: evaluate's images equal sample.py's of the same batching byte for byte, and the other
+    batching's up to a rounding flip of one level at a pixel that lies on a rounding boundary."""
+    from difflab.evaluate import evaluate
+    from difflab.sample import sample
+
+    sampler_args = SAMPLERS[name][0]
+    common = [f"ckpt={checkpoint['ckpt']}", "seed=5", "precision=32", *sampler_args]
+    runs = {}
+    for bs in (3, 8):
+        cfg = compose_cfg([*common, "n=8", f"batch_size={bs}", "label=food", "gif=false", "device=cpu"], tmp_path / f"s{bs}", "sample")
+        runs[bs] = npz(sample(cfg)["samples"])
+    cfg = compose_cfg([*common, "n=8", "batch_size=3", "data=sprites", "data.classes=[food]", "reference=false",
+                       f"metrics.classifier_ckpt={checkpoint['classifier']}", f"metrics.cache_dir={checkpoint['cache']}",
+                       "metrics.kid_subsets=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"],
+                      tmp_path / "e", "evaluate")
+    evaluate(cfg)
+    ev = npz(tmp_path / "e" / "samples.npz")
+    assert ev["images"].shape == (8, 16, 16, 3) and ev["index"].tolist() == list(range(8))
+    assert np.array_equal(ev["labels"], runs[3]["labels"]) and ev["labels"][:, 2].all()  # all food
+    assert ev["images"].tobytes() == runs[3]["images"].tobytes()
+    diff = np.abs(runs[8]["images"].astype(int) - runs[3]["images"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
