@@ -493,3 +493,109 @@ def test_guidance_with_bf16_weights_returns_float32(cond_net) -> None:
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
+
+
+# ---- EDM Heun with Karras sigmas ----
+
+
+def smooth_model(scale: float = 0.5):
+    """A deterministic eps_theta(x_t, t) defined for fractional t (EDM's sampler evaluates between trained steps)."""
+
+    def eps(x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        return (scale * torch.tanh(x.double()) + 0.1 * torch.sin(x.double() + t / 100)).to(x.dtype)
+
+    return eps
+
+
+@pytest.mark.parametrize("T,steps", [(1000, 18), (500, 7)])
+def test_heun_karras_matches_diffusers_step_by_step(T: int, steps: int) -> None:
+    from diffusers import HeunDiscreteScheduler
+
+    from difflab.samplers import HeunSampler
+
+    s = LinearSchedule(T)
+    ref = HeunDiscreteScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                use_karras_sigmas=True)
+    ref.alphas_cumprod = torch.cumprod(1 - ref.betas.double(), 0)  # float64 as ours (see float64_ddpm)
+    ref.set_timesteps(steps)
+    model = smooth_model()
+    x_T = torch.randn(SHAPE, generator=gen(0))
+    ours = HeunSampler(steps)
+    torch.testing.assert_close(torch.as_tensor(ours.sigmas(s)[:-1]).float(), ref.sigmas[::2].float(), rtol=1e-5, atol=0)
+    x = x_T * ref.init_noise_sigma
+    for t in ref.timesteps:
+        x = ref.step(model(ref.scale_model_input(x, t), t), t, x).prev_sample
+    assert len(ref.timesteps) == 2 * steps - 1
+    close(ours.sample(model, s, x_T).images, x)
+
+
+def test_heun_solves_the_probability_flow_ode_of_gaussian_data() -> None:
+    """Data x_0 ~ N(mu, c^2 I): D(x; sigma) = mu + c^2 / (c^2 + sigma^2) (x - mu) exactly, and the ODE's solution is
+    x(sigma) = mu + (x(sigma_max) - mu) sqrt(c^2 + sigma^2) / sqrt(c^2 + sigma_max^2). Heun is second order: doubling
+    the steps divides the error at sigma = 0 by about 4 (Euler: 2), down to the float32 rounding of D = x - sigma eps."""
+    from difflab.samplers import HeunSampler
+    from difflab.samplers.heun import vp_sigmas
+
+    s, c, mu = LinearSchedule(1000), 0.5, 0.3
+    log_sigmas = torch.as_tensor(vp_sigmas(s)).log()
+
+    def eps(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # t -> sigma by the same log-linear interpolation the sampler inverts; then eps = (x - D(x)) / sigma
+        lo = t.double().floor().long().clamp(max=len(log_sigmas) - 2)
+        sigma = (log_sigmas[lo] + (t.double() - lo) * (log_sigmas[lo + 1] - log_sigmas[lo])).exp().reshape(-1, 1, 1, 1)
+        x = x_vp.double() * (1 + sigma**2).sqrt()
+        return ((x - (mu + c**2 / (c**2 + sigma**2) * (x - mu))) / sigma).float()
+
+    x_T = torch.randn(SHAPE, generator=gen(1))
+    errors = []
+    for steps in (25, 50, 100):
+        sampler = HeunSampler(steps)
+        sigma_max = float(sampler.sigmas(s)[0])
+        exact = mu + (x_T.double() * sigma_max - mu) * c / math.sqrt(c**2 + sigma_max**2)
+        errors.append(float((sampler.sample(eps, s, x_T).images.double() - exact).abs().max()))
+    assert errors[0] / errors[1] > 3.5 and errors[1] / errors[2] > 3.5, errors
+    assert errors[2] < 5e-3
+
+
+# ---- guidance interval and CFG rescale ----
+
+
+def test_guidance_interval_guides_only_inside_it(cond_net) -> None:
+    x = torch.randn(2, 3, 8, 8, generator=gen(3))
+    ctx = torch.eye(K)[[0, 1]]
+    with torch.no_grad():
+        for t in (100, 400, 401, 900):
+            tt = torch.full((2,), t)
+            plain, full = guided_denoiser(cond_net, ctx, 0.0)(x, tt), guided_denoiser(cond_net, ctx, 2.0)(x, tt)
+            got = guided_denoiser(cond_net, ctx, 2.0, interval=(150.0, 400.0))(x, tt)
+            assert torch.equal(got, full if 150 <= t <= 400 else plain), t
+
+
+def test_cfg_rescale_is_diffusers_rescale_noise_cfg(cond_net) -> None:
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    x, t = torch.randn(2, 3, 8, 8, generator=gen(4)), torch.tensor([300, 300])
+    ctx = torch.eye(K)[[2, 3]]
+    with torch.no_grad():
+        eps_c = guided_denoiser(cond_net, ctx, 0.0)(x, t)
+        eps_cfg = guided_denoiser(cond_net, ctx, 3.0)(x, t)
+        got = guided_denoiser(cond_net, ctx, 3.0, rescale=0.7)(x, t)
+    # eps_c here comes from a batch of B, inside the guided call from one of 2B: rounding apart (see above)
+    torch.testing.assert_close(got, rescale_noise_cfg(eps_cfg, eps_c, 0.7), rtol=1e-4, atol=1e-5 * float(eps_cfg.abs().max()))
+    assert (got - eps_cfg).abs().max() > 1e-3  # it does something
+
+
+def test_guidance_interval_in_sigma_maps_to_timesteps() -> None:
+    from difflab.samplers.heun import vp_sigmas
+    from difflab.sampling import Guidance
+
+    s = LinearSchedule(1000)
+    sig = vp_sigmas(s)
+    seen = []
+    net = lambda x, t, c, keep: seen.append((float(t[0]), keep is not None)) or torch.zeros_like(x)  # noqa: E731
+    net.parameters = lambda: iter([torch.zeros(1)])
+    denoise = Guidance(2.0, (float(sig[200]), float(sig[600]))).denoiser(net, torch.eye(K)[:1], s)
+    for t in (199, 200, 600, 601):
+        denoise(torch.zeros(1, 3, 2, 2), torch.full((1,), t))
+    assert [guided for _, guided in seen] == [False, True, True, False]

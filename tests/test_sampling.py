@@ -9,7 +9,7 @@ import torch
 
 from difflab.errors import ConfigError
 from difflab.nn.unet import UNet
-from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
+from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, HeunSampler
 from difflab.sampling import ImageNoise, SamplePlan, generate, image_seed, inference_dtype, inference_net, proportional_labels
 from difflab.schedules import LinearSchedule
 from difflab.train import build_module
@@ -23,6 +23,7 @@ SAMPLERS = {
     "ddim_eta0": (["sampler=ddim", "steps=4", "sampler.eta=0.0"], lambda: DDIMSampler(4, eta=0.0)),
     "ddim_eta1": (["sampler=ddim", "steps=4", "sampler.eta=1.0"], lambda: DDIMSampler(4, eta=1.0)),
     "dpmpp": (["sampler=dpmpp", "steps=4"], lambda: DPMSolverPP2MSampler(4)),
+    "heun": (["sampler=heun", "steps=3"], lambda: HeunSampler(3)),
 }
 
 

@@ -19,7 +19,7 @@ from difflab.images import grid, save_gif, save_png
 from difflab.loggers import log_image
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers.base import Sampler
-from difflab.sampling import class_plan, generate, inference_net
+from difflab.sampling import Guidance, class_plan, generate, inference_net
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ class SampleGrid(L.Callback):
     """Every ``every_n_epochs`` validation epochs (and the last), a fixed-seed grid: one row per class."""
 
     def __init__(self, sampler: Sampler, every_n_epochs: int = 5, per_class: int = 8, n_uncond: int = 64, seed: int = 0,
-                 guidance: float = 0.0, chain: bool = True, chain_every: int = 1, precision: str = "auto") -> None:
+                 guidance: float = 0.0, chain: bool = True, chain_every: int = 1, precision: str = "auto",
+                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0) -> None:
         self.sampler = sampler
         self.every_n_epochs = every_n_epochs
         self.per_class = per_class
         self.n_uncond = n_uncond
         self.seed = seed
-        self.guidance = guidance
+        self.guidance = Guidance.from_config(guidance, guidance_interval, guidance_rescale)
         self.chain = chain
         self.chain_every = chain_every
         self.precision = precision
@@ -89,13 +90,14 @@ class SampleQuality(L.Callback):
     """
 
     def __init__(self, sampler: Sampler, metrics: dict[str, Any] | None = None, every_n_epochs: int = 10, n: int = 256,
-                 batch_size: int = 128, seed: int = 0, guidance: float = 0.0, precision: str = "auto") -> None:
+                 batch_size: int = 128, seed: int = 0, guidance: float = 0.0, precision: str = "auto",
+                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0) -> None:
         self.sampler = sampler
         self.every_n_epochs = every_n_epochs
         self.n = n
         self.batch_size = batch_size
         self.seed = seed
-        self.guidance = guidance
+        self.guidance = Guidance.from_config(guidance, guidance_interval, guidance_rescale)
         self.precision = precision
         self.metrics_cfg = MetricsConfig.from_mapping(metrics)
         self.context: MetricsContext | None = None

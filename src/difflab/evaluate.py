@@ -29,7 +29,7 @@ from difflab.images import grid, save_npz, save_png
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers.base import Sampler
-from difflab.sampling import SamplePlan, class_plan, effective_sampler, inference_dtype, inference_net
+from difflab.sampling import SamplePlan, class_plan, effective_sampler, guidance_of, inference_dtype, inference_net
 from difflab.validate import check_sampling, check_trainer_config
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def run_key(ckpt_path: Path, cfg: DictConfig, sampler_cfg: DictConfig, data_cfg:
     """Everything that decides the numbers: equal keys give equal results (the sweep reuses them)."""
     parts = {"ckpt": str(ckpt_path.resolve()), "mtime": ckpt_path.stat().st_mtime, "ema": cfg.ema,
              "sampler": OmegaConf.to_container(sampler_cfg, resolve=True), "n": cfg.n, "seed": cfg.seed,
-             "batch_size": cfg.batch_size, "guidance": cfg.guidance, "metrics": to_container(cfg.metrics), "data": data_cfg,
+             "batch_size": cfg.batch_size, "guidance": cfg.guidance, "guidance_interval": cfg.get("guidance_interval"),
+             "guidance_rescale": cfg.get("guidance_rescale"), "metrics": to_container(cfg.metrics), "data": data_cfg,
              "precision": str(cfg.precision)}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -156,6 +157,7 @@ def check_request(cfg: DictConfig) -> None:
     check_sampling(cfg, 2, " (FD/KID need at least 2 samples; compare runs at equal n, e.g. n=1000)")
     check_trainer_config(cfg.trainer)
     inference_dtype(cfg.precision, "cpu")  # the name is checked here, the device once the trainer has one
+    guidance_of(cfg)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -186,7 +188,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"the checkpoint's classes {class_names} differ from the data set's {list(datamodule.class_names)}")
     sampler = instantiate(sampler_cfg)
     k = getattr(net, "num_classes", 0)
-    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, cfg.guidance, data_cfg, datamodule, cfg.precision)
+    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, guidance_of(cfg), data_cfg, datamodule, cfg.precision)
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(ckpt, cfg, datamodule), conditional=k > 0)
 
@@ -200,6 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     n_steps = len(sampler.timesteps(schedule.timesteps))
     row: dict[str, Any] = {
         "sampler": name, "steps": n_steps, "steps_requested": cfg.get("steps"), "n": cfg.n, "guidance": cfg.guidance,
+        "guidance_interval": str(guidance_of(cfg).interval or ""), "guidance_rescale": guidance_of(cfg).rescale,
         "seed": cfg.seed, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(ckpt_path),
         "precision": str(next(module.net.parameters()).dtype).removeprefix("torch."),
         "schedule": type(schedule).__name__.removesuffix("Schedule").lower(), "timesteps": schedule.timesteps,

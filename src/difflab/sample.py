@@ -19,7 +19,7 @@ from torch import Tensor
 from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png, to_uint8
-from difflab.sampling import effective_sampler, generate, inference_dtype, inference_net
+from difflab.sampling import effective_sampler, generate, guidance_of, inference_dtype, inference_net
 from difflab.validate import check_sampling, integer
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def check_request(cfg: DictConfig) -> None:
     if cfg.gif:
         integer("frames", cfg.frames, 1, " (or gif=false)")
     inference_dtype(cfg.precision, "cpu")  # the name; what auto means is decided on the device
+    guidance_of(cfg)
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
@@ -138,7 +139,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
     log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
     start = time.perf_counter()
-    out = generate(net, schedule, sampler, n_total, contexts, cfg.guidance, cfg.seed, batch_size=cfg.batch_size,
+    out = generate(net, schedule, sampler, n_total, contexts, guidance_of(cfg), cfg.seed, batch_size=cfg.batch_size,
                    precision=cfg.precision, record_every=record_every, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,7 +162,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain], folder / "x0_chain.gif")
     meta = {
         "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
-        "seed": cfg.seed, "guidance": cfg.guidance, "rows": captions, "ema": cfg.ema, "device": str(device),
+        "seed": cfg.seed, "guidance": cfg.guidance, "guidance_interval": guidance_of(cfg).interval,
+        "guidance_rescale": cfg.get("guidance_rescale", 0.0), "rows": captions, "ema": cfg.ema, "device": str(device),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),
     }

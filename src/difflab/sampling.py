@@ -25,10 +25,49 @@ from difflab.errors import ConfigError
 from difflab.images import to_uint8
 from difflab.samplers.base import SampleOutput, Sampler
 from difflab.samplers.guidance import guided_denoiser
+from difflab.samplers.heun import sigma_to_t, vp_sigmas
 from difflab.schedules import NoiseSchedule
+from difflab.validate import number
 
 PRECISIONS = ("auto", "32", "bf16")
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: eps = eps_c + scale (eps_c - eps_u), applied only for noise levels sigma in
+    ``interval`` = [sigma_lo, sigma_hi] when given (Kynkaanniemi et al. 2024; sigma_t = sqrt((1 - ab_t) / ab_t)),
+    with CFG rescale ``rescale`` (Lin et al. 2024; 0 = off, 0.7 in the paper)."""
+
+    scale: float = 0.0
+    interval: tuple[float, float] | None = None
+    rescale: float = 0.0
+
+    @classmethod
+    def from_config(cls, scale: Any, interval: Any = None, rescale: Any = 0.0) -> Guidance:
+        number("guidance", scale, hint=" (0: plain conditional, e.g. guidance=2)")
+        number("guidance_rescale", rescale, 0, 1, " (0: off; Lin et al. use 0.7)")
+        if interval is not None:
+            lo_hi = list(interval) if isinstance(interval, Sequence) and not isinstance(interval, str) else []
+            if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lo_hi) \
+                    or not 0 <= lo_hi[0] < lo_hi[1]:
+                raise ConfigError(f"guidance_interval={interval!r}: give [sigma_lo, sigma_hi] with 0 <= lo < hi "
+                                  "(e.g. guidance_interval=[0.3,5]), or null to guide at every step")
+            interval = (float(lo_hi[0]), float(lo_hi[1]))
+        return cls(float(scale), interval, float(rescale))
+
+    def denoiser(self, net: nn.Module, context: Tensor | None, schedule: NoiseSchedule) -> Any:
+        t_interval = None
+        if self.interval is not None:  # sigma -> (fractional) t on this schedule
+            sigmas = vp_sigmas(schedule)
+            t_interval = (sigma_to_t(max(self.interval[0], 1e-12), sigmas), sigma_to_t(self.interval[1], sigmas))
+        return guided_denoiser(net, context, self.scale, t_interval, self.rescale)
+
+
+def guidance_of(cfg: Mapping[str, Any]) -> Guidance:
+    """The guidance keys of sample.py / evaluate.py: guidance, guidance_interval, guidance_rescale."""
+    interval = cfg.get("guidance_interval")
+    return Guidance.from_config(cfg["guidance"], list(interval) if interval is not None else None, cfg.get("guidance_rescale", 0.0))
 
 
 def effective_sampler(sampler_cfg: Any, steps: int | None) -> Any:
@@ -91,7 +130,7 @@ def generate(
     sampler: Sampler,
     n: int,
     contexts: Tensor | None = None,
-    guidance: float = 0.0,
+    guidance: float | Guidance = 0.0,
     seed: int = 0,
     index: Tensor | Sequence[int] | None = None,
     batch_size: int = 256,
@@ -109,6 +148,7 @@ def generate(
         raise ValueError(f"generate: n={n}, but {len(index)} indices and {len(contexts) if contexts is not None else 0} contexts")
     shape = shape or (net.in_channels, net.image_size, net.image_size)
     model = inference_net(net, precision, device)
+    guidance = guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
     was_training = net.training
     model.eval()
     parts: list[SampleOutput] = []
@@ -116,7 +156,7 @@ def generate(
         for start in range(0, n, batch_size):
             noise = ImageNoise(seed, index[start : start + batch_size].tolist())
             ctx = contexts[start : start + batch_size].to(device) if contexts is not None else None
-            denoise = guided_denoiser(model, ctx, guidance)
+            denoise = guidance.denoiser(model, ctx, schedule)
             parts.append(sampler.sample(denoise, schedule, noise.randn(shape, device), noise, record_every, progress))
     finally:
         net.train(was_training)
@@ -154,7 +194,7 @@ class SamplePlan:
     seed: int = 0
     num_classes: int = 0  # context width K; 0 = unconditional model
     classes: Sequence[int] = ()  # the classes to spread the samples over (all, or the trained subset)
-    guidance: float = 0.0
+    guidance: float | Guidance = 0.0
     weights: Sequence[float] = ()  # relative frequency of each entry of classes (the real data's); () = equal
     precision: str = "32"
 
@@ -191,7 +231,7 @@ def trained_classes(data_cfg: Mapping[str, Any], class_names: Sequence[str]) -> 
     return [list(class_names).index(c) for c in subset] if subset else list(range(len(class_names)))
 
 
-def class_plan(n: int, batch_size: int, seed: int, num_classes: int, guidance: float, data_cfg: Mapping[str, Any],
+def class_plan(n: int, batch_size: int, seed: int, num_classes: int, guidance: float | Guidance, data_cfg: Mapping[str, Any],
                datamodule: Any, precision: str = "32") -> SamplePlan:
     """The plan for a model with num_classes contexts (0: unconditional), labels in the training data's proportions."""
     if not num_classes:

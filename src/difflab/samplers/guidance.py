@@ -13,8 +13,13 @@ from torch import Tensor, nn
 from difflab.diffusion import Denoiser
 
 
-def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0) -> Denoiser:
+def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0,
+                    interval: tuple[float, float] | None = None, rescale: float = 0.0) -> Denoiser:
     """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0.
+
+    interval (t_lo, t_hi): guide only at lo <= t <= hi, elsewhere the plain conditional eps (one forward): guidance in a
+    limited interval of noise levels (Kynkaanniemi et al. 2024). rescale phi: CFG rescale (Lin et al. 2024, eq. 15-16
+    on eps as diffusers' rescale_noise_cfg), eps <- phi eps_cfg std(eps_c) / std(eps_cfg) + (1 - phi) eps_cfg.
 
     Inputs are cast to the network's own dtype (a bf16 copy of the weights samples faster on CPU than
     autocast, which re-casts every weight at every step); the sampler's update math stays in float32.
@@ -29,11 +34,15 @@ def guided_denoiser(net: nn.Module, context: Tensor | None = None, guidance: flo
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         if context is None:
             return call(x, t, None, None)
-        if guidance == 0:
+        if guidance == 0 or (interval is not None and not interval[0] <= float(t[0]) <= interval[1]):
             return call(x, t, context, None)
         b = x.shape[0]
         keep = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device), torch.zeros(b, dtype=torch.bool, device=x.device)])
         eps_c, eps_u = call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context]), keep).chunk(2)
-        return eps_c + guidance * (eps_c - eps_u)
+        eps = eps_c + guidance * (eps_c - eps_u)
+        if rescale:
+            dims = list(range(1, eps.ndim))
+            eps = rescale * eps * (eps_c.std(dims, keepdim=True) / eps.std(dims, keepdim=True)) + (1 - rescale) * eps
+        return eps
 
     return denoise
