@@ -95,6 +95,7 @@ CASES = [
     ("sample.py", ["ckpt={ckpt}", "guidance=inf"], "guidance=inf: must be a finite number"),
     ("sample.py", ["ckpt={ckpt}", "guidance_interval=[5,1]"], "guidance_interval=[5, 1]: give [sigma_lo, sigma_hi] with 0 <= lo < hi"),
     ("evaluate.py", ["ckpt={ckpt}", "guidance_rescale=2"], "guidance_rescale=2: must be a finite number in [0, 1]"),
+    ("sample.py", ["ckpt={ckpt}", "palette=gold"], "palette=gold: choose one of sprite, data"),
     ("sample.py", ["ckpt={ckpt}", "sampler.eta=-1"], "sampler.eta=-1: must be a finite number in [0, 1]"),
     ("sample.py", ["ckpt={ckpt}", "sampler.spacing=uniform"], "sampler.spacing='uniform': choose one of"),
     ("sample.py", ["ckpt={ckpt}", "frames=0"], "frames=0: must be an integer >= 1 (or gif=false)"),

@@ -284,3 +284,29 @@ def test_real_sprites_have_the_pixel_art_statistics_the_issue_names(sprites):
     stats.update(sprites.train_set.tensors[0])
     out = stats.compute()
     assert out["colors_median"] == 8 and out["top16_share"] > 0.999
+
+
+def test_snap_to_palette_per_sprite_and_to_the_data_colours(sprites):
+    from difflab.images import data_palette, snap_to_palette
+    from difflab.metrics.scores import palette_stats
+
+    g = torch.Generator().manual_seed(0)
+    noisy_img = torch.randint(0, 256, (5, 3, 16, 16), generator=g, dtype=torch.uint8)
+    colors, share = palette_stats(snap_to_palette(noisy_img, colors=8))
+    assert colors.max() <= 8 and bool((share == 1).all())
+    real = sprites.train_set.tensors[0][:200]
+    assert torch.equal(snap_to_palette(real, colors=16), real)  # real sprites have at most 16 colours: unchanged
+    pal = data_palette(sprites.train_set.tensors[0], 32)
+    snapped = snap_to_palette(noisy_img, palette=pal)
+    pixels = noisy_img.permute(0, 2, 3, 1).reshape(-1, 1, 3).float()
+    dist = (pixels - torch.as_tensor(pal).float()).square().sum(-1)  # brute force nearest colour
+    got = snapped.permute(0, 2, 3, 1).reshape(-1, 3).float()
+    assert torch.allclose((pixels[:, 0] - got).square().sum(-1), dist.min(1).values)
+
+
+def test_data_palette_is_most_frequent_first():
+    from difflab.images import data_palette
+
+    img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    img[0, :, 0, 0] = torch.tensor([9, 8, 7])  # one pixel of (9, 8, 7), three black
+    assert data_palette(img, 2).tolist() == [[0, 0, 0], [9, 8, 7]]

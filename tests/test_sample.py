@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from difflab.train import train
@@ -97,3 +98,15 @@ def test_finetune_starts_from_the_pretrained_weights(trained, tmp_path):
 def test_finetune_experiment_requires_init_from(tmp_path):
     with pytest.raises(ValueError, match="init_from="):
         train(compose_cfg(["experiment=sprites_finetune", "model=unet_tiny"], tmp_path))
+
+
+def test_palette_output_stage_limits_the_colours(trained, tmp_path):
+    from difflab.metrics.scores import palette_stats
+
+    for palette, bound in (("sprite", 6), ("data", 6)):
+        sample(trained, tmp_path / palette, "sampler=ddim", "steps=4", "n=3", "label=all", "gif=false", f"palette={palette}",
+               "palette_colors=6")
+        with np.load(tmp_path / palette / "samples.npz") as f:
+            images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2)
+        colors, _ = palette_stats(images)
+        assert colors.max() <= bound and json.loads((tmp_path / palette / "meta.json").read_text())["palette"] == palette

@@ -29,7 +29,7 @@ from difflab.images import grid, save_npz, save_png
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers.base import Sampler
-from difflab.sampling import SamplePlan, class_plan, effective_sampler, guidance_of, inference_dtype, inference_net
+from difflab.sampling import SamplePlan, class_plan, effective_sampler, guidance_of, inference_dtype, inference_net, output_stage
 from difflab.validate import check_sampling, check_trainer_config
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def run_key(ckpt_path: Path, cfg: DictConfig, sampler_cfg: DictConfig, data_cfg:
     parts = {"ckpt": str(ckpt_path.resolve()), "mtime": ckpt_path.stat().st_mtime, "ema": cfg.ema,
              "sampler": OmegaConf.to_container(sampler_cfg, resolve=True), "n": cfg.n, "seed": cfg.seed,
              "batch_size": cfg.batch_size, "guidance": cfg.guidance, "guidance_interval": cfg.get("guidance_interval"),
-             "guidance_rescale": cfg.get("guidance_rescale"), "metrics": to_container(cfg.metrics), "data": data_cfg,
+             "guidance_rescale": cfg.get("guidance_rescale"), "palette": [cfg.get("palette"), cfg.get("palette_colors")], "metrics": to_container(cfg.metrics), "data": data_cfg,
              "precision": str(cfg.precision)}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -158,6 +158,7 @@ def check_request(cfg: DictConfig) -> None:
     check_trainer_config(cfg.trainer)
     inference_dtype(cfg.precision, "cpu")  # the name is checked here, the device once the trainer has one
     guidance_of(cfg)
+    output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -189,6 +190,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     sampler = instantiate(sampler_cfg)
     k = getattr(net, "num_classes", 0)
     plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, guidance_of(cfg), data_cfg, datamodule, cfg.precision)
+    plan.post = output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), datamodule.train_set.tensors[0])
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(ckpt, cfg, datamodule), conditional=k > 0)
 
@@ -203,6 +205,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     row: dict[str, Any] = {
         "sampler": name, "steps": n_steps, "steps_requested": cfg.get("steps"), "n": cfg.n, "guidance": cfg.guidance,
         "guidance_interval": str(guidance_of(cfg).interval or ""), "guidance_rescale": guidance_of(cfg).rescale,
+        "palette": f"{cfg.palette}:{cfg.get('palette_colors', 16)}" if cfg.get("palette") else "",
         "seed": cfg.seed, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(ckpt_path),
         "precision": str(next(module.net.parameters()).dtype).removeprefix("torch."),
         "schedule": type(schedule).__name__.removesuffix("Schedule").lower(), "timesteps": schedule.timesteps,

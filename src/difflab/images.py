@@ -60,3 +60,32 @@ def save_npz(path: Path, **arrays: np.ndarray) -> Path:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             zf.writestr(info, buf.getvalue())
     return path
+
+
+PALETTES = ("sprite", "data")
+
+
+def snap_to_palette(images: Tensor, colors: int = 16, palette: np.ndarray | None = None) -> Tensor:
+    """A pixel-art output stage for uint8 images (N, 3, H, W): every pixel moved to the nearest colour of a palette.
+
+    palette None: each image's own ``colors`` colours (median cut, PIL, no dithering); else a fixed (K, 3) uint8
+    palette (e.g. the data set's most frequent colours, data_palette), nearest in RGB.
+    """
+    if palette is None:
+        out = []
+        for img in images.permute(0, 2, 3, 1).cpu().numpy():
+            q = Image.fromarray(img).quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            out.append(np.asarray(q.convert("RGB")))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.device)
+    pal = torch.as_tensor(palette, dtype=torch.float32, device=images.device)  # (K, 3)
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 3).float()
+    nearest = torch.cdist(pixels, pal).argmin(1)  # ||pixel - colour_k||_2, the first of equals on a tie
+    return pal[nearest].round().to(torch.uint8).reshape(images.shape[0], *images.shape[2:], 3).permute(0, 3, 1, 2)
+
+
+def data_palette(images: Tensor, colors: int = 64) -> np.ndarray:
+    """The ``colors`` most frequent RGB colours of uint8 images (N, 3, H, W), most frequent first: (colors, 3) uint8."""
+    rgb = images.long().permute(0, 2, 3, 1).reshape(-1, 3)
+    codes, counts = ((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]).unique(return_counts=True)
+    top = codes[counts.argsort(descending=True, stable=True)[:colors]]
+    return torch.stack([(top >> 16) & 255, (top >> 8) & 255, top & 255], 1).to(torch.uint8).numpy()

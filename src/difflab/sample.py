@@ -19,7 +19,7 @@ from torch import Tensor
 from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png, to_uint8
-from difflab.sampling import effective_sampler, generate, guidance_of, inference_dtype, inference_net
+from difflab.sampling import effective_sampler, generate, guidance_of, inference_dtype, inference_net, output_stage
 from difflab.validate import check_sampling, integer
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,14 @@ def check_request(cfg: DictConfig) -> None:
         integer("frames", cfg.frames, 1, " (or gif=false)")
     inference_dtype(cfg.precision, "cpu")  # the name; what auto means is decided on the device
     guidance_of(cfg)
+    output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+
+
+def training_images(ckpt: dict[str, Any]) -> Tensor:
+    """The uint8 training images of the checkpoint's data set (for palette=data)."""
+    datamodule = instantiate(ckpt["difflab_config"]["data"])
+    datamodule.setup("fit")
+    return datamodule.train_set.tensors[0]
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
@@ -131,6 +139,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     label, context = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (cfg.label, cfg.context))
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
+    stage = output_stage(cfg.get("palette"), cfg.get("palette_colors", 16),
+                         training_images(ckpt) if cfg.get("palette") == "data" else None)
     sampler_cfg = effective_sampler(cfg.sampler, cfg.steps)
     sampler = instantiate(sampler_cfg)
     n_steps = len(sampler.timesteps(schedule.timesteps))
@@ -147,6 +157,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
     folder = Path(cfg.paths.output_dir)
     images = to_uint8(out.images)
+    if stage is not None:
+        images = stage(images)
     files = {
         "grid": save_png(grid(images, nrow), folder / "grid.png"),
         "samples": save_npz(
@@ -163,7 +175,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     meta = {
         "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
         "seed": cfg.seed, "guidance": cfg.guidance, "guidance_interval": guidance_of(cfg).interval,
-        "guidance_rescale": cfg.get("guidance_rescale", 0.0), "rows": captions, "ema": cfg.ema, "device": str(device),
+        "guidance_rescale": cfg.get("guidance_rescale", 0.0), "palette": cfg.get("palette"),
+        "palette_colors": cfg.get("palette_colors") if cfg.get("palette") else None, "rows": captions, "ema": cfg.ema, "device": str(device),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),
     }

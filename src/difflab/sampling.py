@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,12 @@ from torch import Tensor, nn
 
 from difflab.config import cpu_has_bf16
 from difflab.errors import ConfigError
-from difflab.images import to_uint8
+from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
 from difflab.samplers.base import SampleOutput, Sampler
 from difflab.samplers.guidance import guided_denoiser
 from difflab.samplers.heun import sigma_to_t, vp_sigmas
 from difflab.schedules import NoiseSchedule
-from difflab.validate import number
+from difflab.validate import integer, number
 
 PRECISIONS = ("auto", "32", "bf16")
 log = logging.getLogger(__name__)
@@ -68,6 +69,21 @@ def guidance_of(cfg: Mapping[str, Any]) -> Guidance:
     """The guidance keys of sample.py / evaluate.py: guidance, guidance_interval, guidance_rescale."""
     interval = cfg.get("guidance_interval")
     return Guidance.from_config(cfg["guidance"], list(interval) if interval is not None else None, cfg.get("guidance_rescale", 0.0))
+
+
+def output_stage(palette: str | None, colors: int = 16, data_images: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
+    """palette=sprite: each sample snapped to its own ``colors`` colours; data: to the data set's ``colors`` most frequent
+    colours (from its training images); null: the samples as the model made them."""
+    if palette is None:
+        return None
+    if palette not in PALETTES:
+        raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)} (or null for the raw samples)")
+    integer("palette_colors", colors, 2, " (real sprites use about 8)")
+    if palette == "sprite":
+        return partial(snap_to_palette, colors=colors)
+    if data_images is None:
+        raise ConfigError("palette=data needs the data set's images")
+    return partial(snap_to_palette, palette=data_palette(data_images, colors))
 
 
 def effective_sampler(sampler_cfg: Any, steps: int | None) -> Any:
@@ -197,6 +213,7 @@ class SamplePlan:
     guidance: float | Guidance = 0.0
     weights: Sequence[float] = ()  # relative frequency of each entry of classes (the real data's); () = equal
     precision: str = "32"
+    post: Callable[[Tensor], Tensor] | None = None  # an output stage on the uint8 images (output_stage)
 
     @property
     def n_chunks(self) -> int:
@@ -221,7 +238,8 @@ class SamplePlan:
         labels = self.labels(index)
         contexts = nn.functional.one_hot(labels, self.num_classes).float() if labels is not None else None
         out = generate(net, schedule, sampler, len(index), contexts, self.guidance, self.seed, index, len(index), self.precision)
-        images = to_uint8(out.images).to(device)
+        images = to_uint8(out.images)
+        images = (self.post(images) if self.post else images).to(device)
         return images, (labels.to(device) if labels is not None else None), index.to(device)
 
 
