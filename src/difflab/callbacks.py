@@ -67,6 +67,7 @@ class SampleGrid(L.Callback):
         contexts = class_contexts(k, self.per_class) if k else None
         n, nrow = (len(contexts), self.per_class) if k else (self.n_uncond, 8)
         out = generate(net, schedule, self.sampler, n, contexts, self.guidance, self.seed, precision=self.precision,
+                       objective=getattr(pl_module, "objective", None),
                        record_every=self.chain_every if self.chain else 0)
         tag = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}"
         folder = Path(trainer.default_root_dir) / "samples"
@@ -121,6 +122,7 @@ class SampleQuality(L.Callback):
             identity = getattr(pl_module, "data_identity", None) or trainer.datamodule.identity()
             self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, identity, conditional=k > 0, device=pl_module.device)
         plan = class_plan(self.n, self.batch_size, self.seed, k, self.guidance, data_cfg, trainer.datamodule, self.precision)
+        plan.objective = getattr(pl_module, "objective", None)
         metrics = self.context.new_metrics(trainer.global_rank, trainer.world_size, self.seed)
         for chunk in plan.chunks_for(trainer.global_rank, trainer.world_size):
             if chunk >= 0:

@@ -65,6 +65,16 @@ def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], what
                           "Use the same model=... / data=... (class count) as the run that wrote it")
 
 
+def objective_of(ckpt: dict[str, Any]) -> Any:
+    """The training objective saved in the checkpoint's config (eps-prediction for checkpoints from before objectives)."""
+    from hydra.utils import instantiate
+
+    from difflab.objectives import Objective
+
+    cfg = ckpt["difflab_config"].get("objective")
+    return instantiate(cfg) if cfg else Objective()
+
+
 def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[nn.Module, nn.Module]:
     """(net, schedule) rebuilt from the config saved in the checkpoint, with its (EMA) weights loaded."""
     from hydra.utils import instantiate

@@ -1,4 +1,4 @@
-"""The forward process, its posterior and the training objective: pure tensor math on a NoiseSchedule.
+"""The forward process and its posterior: pure tensor math on a NoiseSchedule (the loss: objectives.py).
 
 Shapes: x_0, x_t, eps are (B, C, H, W); t is an integer tensor (B,) in [0, T-1].
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.schedules import NoiseSchedule, extract
@@ -50,17 +49,3 @@ def q_posterior(s: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[T
 def sample_timesteps(batch: int, timesteps: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     # t ~ Uniform{0, ..., T-1}
     return torch.randint(0, timesteps, (batch,), device=device, generator=generator)
-
-
-def eps_loss(
-    net: Callable[..., Tensor],
-    s: NoiseSchedule,
-    x0: Tensor,
-    t: Tensor,
-    noise: Tensor,
-    **net_kwargs,
-) -> Tensor:
-    """L_simple per sample (shape (B,)): || eps - eps_theta(x_t, t) ||^2 averaged over pixels."""
-    x_t = q_sample(s, x0, t, noise)
-    eps_pred = net(x_t, t, **net_kwargs)
-    return F.mse_loss(eps_pred.float(), noise, reduction="none").flatten(1).mean(1)

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
-from difflab.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, resolve_checkpoint
+from difflab.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, objective_of, resolve_checkpoint
 from difflab.config import hydra_choice, instantiate_group, to_container
 from difflab.images import grid, save_npz, save_png
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
@@ -190,6 +190,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     sampler = instantiate(sampler_cfg)
     k = getattr(net, "num_classes", 0)
     plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, guidance_of(cfg), data_cfg, datamodule, cfg.precision)
+    plan.objective = objective_of(ckpt)
     plan.post = output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), datamodule.train_set.tensors[0])
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(ckpt, cfg, datamodule), conditional=k > 0)

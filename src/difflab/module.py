@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from difflab.diffusion import eps_loss, sample_timesteps
+from difflab.diffusion import sample_timesteps
 from difflab.errors import NonFiniteLossError
+from difflab.objectives import Objective
 from difflab.schedules import NoiseSchedule
 
 
@@ -34,6 +35,7 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         run_config: dict[str, Any] | None = None,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -41,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_cfg = dict(lr_scheduler) if lr_scheduler else None
         self.p_uncond = p_uncond
+        self.objective = objective or Objective()
         self.class_names = list(class_names)
         self.channels_last = channels_last
         self.compile = compile
@@ -74,9 +77,9 @@ class DiffusionModule(L.LightningModule):
         if self.conditional:
             # context dropout: the null context trains the unconditional branch of guidance
             keep = torch.rand(b, device=x0.device) >= self.p_uncond
-            loss = eps_loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
+            loss = self.objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
         else:
-            loss = eps_loss(net, self.schedule, x0, t, noise)
+            loss = self.objective.loss(net, self.schedule, x0, t, noise)
         loss = loss.mean()
         if self.trainer.world_size == 1 and not torch.isfinite(loss):
             # (under DDP a rank's non-finite loss reaches every rank as a non-finite gradient norm, checked below)
@@ -112,7 +115,7 @@ class DiffusionModule(L.LightningModule):
         T = self.schedule.timesteps
         # fixed u in [0, 1) -> t = floor(u T): the same noise and timesteps every epoch and run
         t = (u * T).long().clamp(max=T - 1)
-        loss = eps_loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None)
+        loss = self.objective.loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None)
         self.val_loss.update(loss)
         quartile = (t * 4) // T
         for q, metric in enumerate(self.val_loss_quartile):

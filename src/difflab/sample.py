@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from difflab.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
+from difflab.checkpoint import build_from_checkpoint, load_checkpoint, objective_of, resolve_checkpoint
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png, to_uint8
 from difflab.sampling import effective_sampler, generate, guidance_of, inference_dtype, inference_net, output_stage
@@ -149,7 +149,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
     log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
     start = time.perf_counter()
-    out = generate(net, schedule, sampler, n_total, contexts, guidance_of(cfg), cfg.seed, batch_size=cfg.batch_size,
+    out = generate(net, schedule, sampler, n_total, contexts, guidance_of(cfg), cfg.seed, batch_size=cfg.batch_size, objective=objective_of(ckpt),
                    precision=cfg.precision, record_every=record_every, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from difflab.config import cpu_has_bf16
 from difflab.errors import ConfigError
 from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
+from difflab.objectives import Objective
 from difflab.samplers.base import SampleOutput, Sampler
 from difflab.samplers.guidance import guided_denoiser
 from difflab.samplers.heun import sigma_to_t, vp_sigmas
@@ -154,6 +155,7 @@ def generate(
     record_every: int = 0,
     progress: bool = False,
     shape: tuple[int, int, int] | None = None,
+    objective: Objective | None = None,
 ) -> SampleOutput:
     """n images (float in [-1, 1], on the CPU) with contexts (n, K) or None; index: their global sample
     indices (default 0..n-1), which pick their noise. The network is used in ``precision`` on the schedule's
@@ -172,7 +174,7 @@ def generate(
         for start in range(0, n, batch_size):
             noise = ImageNoise(seed, index[start : start + batch_size].tolist())
             ctx = contexts[start : start + batch_size].to(device) if contexts is not None else None
-            denoise = guidance.denoiser(model, ctx, schedule)
+            denoise = (objective or Objective()).eps_denoiser(guidance.denoiser(model, ctx, schedule), schedule)
             parts.append(sampler.sample(denoise, schedule, noise.randn(shape, device), noise, record_every, progress))
     finally:
         net.train(was_training)
@@ -214,6 +216,7 @@ class SamplePlan:
     weights: Sequence[float] = ()  # relative frequency of each entry of classes (the real data's); () = equal
     precision: str = "32"
     post: Callable[[Tensor], Tensor] | None = None  # an output stage on the uint8 images (output_stage)
+    objective: Objective | None = None  # what the network predicts (eps when None)
 
     @property
     def n_chunks(self) -> int:
@@ -237,7 +240,8 @@ class SamplePlan:
         index = self.chunk_indices(chunk)
         labels = self.labels(index)
         contexts = nn.functional.one_hot(labels, self.num_classes).float() if labels is not None else None
-        out = generate(net, schedule, sampler, len(index), contexts, self.guidance, self.seed, index, len(index), self.precision)
+        out = generate(net, schedule, sampler, len(index), contexts, self.guidance, self.seed, index, len(index), self.precision,
+                       objective=self.objective)
         images = to_uint8(out.images)
         images = (self.post(images) if self.post else images).to(device)
         return images, (labels.to(device) if labels is not None else None), index.to(device)

@@ -70,6 +70,18 @@ class NoiseSchedule(nn.Module):
         return f"T={self.timesteps}, alpha_bar[T-1]={self.alphas_cumprod[-1].item():.3g}"
 
 
+def signal_noise_at(s: NoiseSchedule, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(sqrt(ab_t), sqrt(1 - ab_t)) in float64, shape (B,), at integer or fractional t: linear in log sigma between
+    trained steps, sigma_t = sqrt(1 - ab_t) / sqrt(ab_t) (taken from the terms computed in float64: 1 - ab_t from a
+    float32 ab_t would lose 3 digits at t = 0)."""
+    log_sigma = (s.sqrt_one_minus_alphas_cumprod.double() / s.sqrt_alphas_cumprod.double()).log()
+    t = t.double().to(log_sigma.device)
+    lo = t.floor().long().clamp(0, len(log_sigma) - 2)
+    sigma = (log_sigma[lo] + (t - lo) * (log_sigma[lo + 1] - log_sigma[lo])).exp()
+    a = (1 + sigma**2).rsqrt()
+    return a, sigma * a
+
+
 def extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
     """values[t] (shape (B,)) reshaped to (B, 1, ..., 1) to broadcast over an ndim-dimensional batch."""
     return values.gather(0, t.long()).reshape(t.shape[0], *([1] * (ndim - 1)))

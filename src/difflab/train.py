@@ -42,6 +42,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         schedule=schedule,
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler, _convert_="all"),
+        objective=instantiate(cfg.objective) if cfg.get("objective") else None,
         class_names=list(cfg.data.class_names),
     )
     module.run_config = to_container(cfg)  # not through instantiate: it would build the _target_s inside

@@ -1,0 +1,113 @@
+"""Prediction targets (eps, x0, v), their conversion to eps for the samplers, and min-SNR-gamma weighting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflab.diffusion import q_sample
+from difflab.errors import ConfigError
+from difflab.objectives import PREDICTIONS, Objective
+from difflab.samplers import DDIMSampler, HeunSampler
+from difflab.sampling import generate
+from difflab.schedules import CosineSchedule, LinearSchedule, signal_noise_at
+
+from support import compose_cfg
+
+
+def draws(seed: int = 0, b: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, 4, 4, generator=g) * 2 - 1, torch.randn(b, 3, 4, 4, generator=g)
+
+
+def test_signal_noise_at_is_the_schedule_at_integer_t_and_between_at_fractional_t() -> None:
+    s = CosineSchedule(100)
+    t = torch.tensor([0, 1, 50, 99])
+    a, sig = signal_noise_at(s, t)
+    torch.testing.assert_close(a, s.sqrt_alphas_cumprod[t].double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sig, s.sqrt_one_minus_alphas_cumprod[t].double(), rtol=1e-6, atol=0)
+    mid = signal_noise_at(s, torch.tensor([50.5]))[1]
+    assert sig[2] < mid < signal_noise_at(s, torch.tensor([51]))[1]
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_targets_and_their_eps_round_trip(prediction: str) -> None:
+    s, obj = LinearSchedule(1000), Objective(prediction)
+    x0, noise = draws()
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = q_sample(s, x0, t, noise)
+    a = s.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    sig = s.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    expected = {"eps": noise, "x0": x0, "v": a * noise - sig * x0}[prediction]  # v = sqrt(ab) eps - sqrt(1 - ab) x_0
+    target = obj.target(s, x0, t, noise)
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-6)
+    # a perfect network's output, converted, is the true noise: the samplers see eps whatever the network predicts;
+    # x0 -> eps divides by sqrt(1 - ab), 0.01 at t = 0, which scales float32 rounding by 100
+    torch.testing.assert_close(obj.to_eps(s, x_t, t, target), noise, rtol=1e-4, atol=1e-4)
+    assert float(obj.loss(lambda x, t: target, s, x0, t, noise).max()) < 1e-12
+
+
+def test_min_snr_weights_match_diffusers_compute_snr() -> None:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    s = LinearSchedule(1000)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    ref.alphas_cumprod = torch.cumprod(1 - ref.betas.double(), 0)  # its float32 ab loses 1 - ab's digits at t = 0
+    t = torch.tensor([0, 3, 100, 250, 500, 999])
+    snr = compute_snr(ref, t).double()
+    gamma = 5.0
+    expected = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1), "x0": snr.clamp(max=gamma)}
+    for prediction, w in expected.items():
+        got = Objective(prediction, "min_snr", gamma).weight(s, t).double()
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=0)  # float32 in the last step of both
+    assert torch.equal(Objective("v").weight(s, t), torch.ones(6))
+    # eps with min-SNR: weight 1 where SNR <= 5 (high noise), gamma / SNR below: small t count less
+    w = Objective("eps", "min_snr").weight(s, t)
+    assert w[-1] == 1 and w[0] < 0.01
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_sampling_a_perfect_predictor_of_any_kind_lands_on_x0(prediction: str) -> None:
+    """A network that predicts (in its own parametrisation) the truth for one known x_0: DDIM (eta 0) and Heun
+    both return that x_0, through the objective's conversion to eps."""
+    s, obj = LinearSchedule(200), Objective(prediction)
+    x0 = draws(1, 2)[0]
+
+    class Oracle(torch.nn.Module):
+        in_channels, image_size, num_classes = 3, 4, 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t, context=None, keep=None):
+            a, sig = (c.reshape(-1, 1, 1, 1).float() for c in signal_noise_at(s, t))
+            eps = (x_t - a * x0) / sig
+            return {"eps": eps, "x0": x0.expand_as(x_t), "v": a * eps - sig * x0}[prediction]
+
+    for sampler in (DDIMSampler(10, clip_x0=False), HeunSampler(8)):
+        out = generate(Oracle(), s, sampler, 2, objective=obj, shape=(3, 4, 4)).images
+        torch.testing.assert_close(out, x0, rtol=0, atol=2e-3)
+
+
+def test_bad_objective_settings_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="objective.prediction='score': choose one of eps, x0, v"):
+        Objective("score")
+    with pytest.raises(ConfigError, match="objective.weighting='p2'"):
+        Objective("eps", "p2")
+
+
+def test_train_with_v_prediction_saves_the_objective_and_samples_from_it(tmp_path) -> None:
+    from difflab.checkpoint import load_checkpoint, objective_of
+    from difflab.sample import sample
+    from difflab.train import train
+
+    cfg = compose_cfg(["model=unet_tiny", "debug=fast", "objective=v_min_snr", "timesteps=50", "~callbacks.sample_grid",
+                       "~callbacks.progress_bar", "trainer.enable_progress_bar=false"], tmp_path / "run")
+    train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    obj = objective_of(ckpt)
+    assert (obj.prediction, obj.weighting) == ("v", "min_snr")
+    files = sample(compose_cfg([f"ckpt={tmp_path / 'run'}", "n=2", "steps=3", "gif=false", "device=cpu"], tmp_path / "s", "sample"))
+    assert files["grid"].is_file()
