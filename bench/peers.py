@@ -5,7 +5,11 @@
 - diffusers ``UNet2DModel`` in the google/ddpm-cifar10-32 layout and a sprite-sized layout.
 - lucidrains ``denoising_diffusion_pytorch.Unet`` (bench-only dependency, see requirements-bench.txt).
 
-Every builder returns a plain nn.Module; bench.py adapts their call signatures.
+Every builder returns a plain nn.Module. ``PeerAdapter`` gives each one difflab's network interface
+(``forward(x, t, context=None, context_keep=None) -> eps``; ``in_channels``, ``image_size``, ``num_classes``),
+so the peers train through the same ``DiffusionModule`` + Lightning ``Trainer`` and sample through the same
+``difflab.sampling.generate`` as our networks: ``build_peer`` is the Hydra ``_target_`` the benchmark puts in
+``cfg.model`` (bench.py loads this file as the module ``difflab_bench_peers``).
 """
 
 from __future__ import annotations
@@ -174,3 +178,63 @@ def lucidrains_unet(dim: int, dim_mults: tuple[int, ...]) -> nn.Module:
     from denoising_diffusion_pytorch import Unet
 
     return Unet(dim=dim, dim_mults=dim_mults)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapters: a peer network behind difflab's net interface
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cast_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+class PeerAdapter(nn.Module):
+    """forward(x, t, context=None, context_keep=None) -> eps, as difflab's UNet, around a peer network.
+
+    kind: "course" (conditional on ``num_classes`` one-hot features; t is fed as t / T, a float (B, 1, 1, 1);
+    a dropped context, context_keep False, is the course's zero context), "diffusers" (``net(x, t).sample``) or
+    "lucidrains" (``net(x, t)``), both unconditional (num_classes 0: DiffusionModule then calls ``net(x_t, t)``).
+    The inputs keep the weights' dtype, so generate's bf16 copy of the weights runs as it does for ours.
+    """
+
+    def __init__(self, net: nn.Module, kind: str, image_size: int, in_channels: int = 3, num_classes: int = 0,
+                 timesteps: int = 1000) -> None:
+        super().__init__()
+        if kind not in ("course", "diffusers", "lucidrains"):
+            raise ValueError(f"unknown peer kind {kind!r}")
+        self.net, self.kind = net, kind
+        self.image_size, self.in_channels, self.num_classes, self.timesteps = image_size, in_channels, num_classes, timesteps
+        if kind == "lucidrains":
+            # its sinusoidal time embedding is float32 whatever the weights are: cast it to the next Linear's dtype
+            # (a hook that reads the module it is called with, so it holds for a bf16 copy of the network too)
+            net.time_mlp[1].register_forward_pre_hook(_cast_to_weight_dtype)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, context_keep: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        if self.kind == "course":
+            if context is not None and context_keep is not None:
+                context = context * context_keep[:, None].to(context.dtype)
+            return self.net(x, (t.float() / self.timesteps).to(x.dtype).view(-1, 1, 1, 1), context)
+        if context is not None:
+            raise ValueError(f"the {self.kind} peer is unconditional but got a context")
+        if self.kind == "diffusers":
+            return self.net(x, t).sample
+        return self.net(x, t)
+
+
+# name -> (kind, builder(image_size), number of one-hot context features)
+PEERS = {
+    "course": ("course", course_context_unet, 5),
+    "diffusers_sprites": ("diffusers", diffusers_sprites, 0),
+    "diffusers_cifar": ("diffusers", diffusers_ddpm_cifar10, 0),
+    "lucidrains_sprites": ("lucidrains", lambda image_size: lucidrains_unet(64, (1, 2, 4)), 0),
+    "lucidrains_cifar": ("lucidrains", lambda image_size: lucidrains_unet(128, (1, 2, 2, 2)), 0),
+}
+
+
+def build_peer(name: str, image_size: int, timesteps: int = 1000) -> PeerAdapter:
+    """The Hydra target for cfg.model: peer ``name`` (a key of PEERS) behind PeerAdapter."""
+    kind, builder, num_classes = PEERS[name]
+    return PeerAdapter(builder(image_size), kind, image_size, num_classes=num_classes, timesteps=timesteps)

@@ -1,4 +1,5 @@
-"""Smoke test of bench/bench.py's pieces: FLOP counting, one training step, a 2-step DDIM loop (tiny batches)."""
+"""Smoke tests of bench/: FLOP counting, one real training step through DiffusionModule + Trainer, sampling
+through difflab.sampling.generate, the report (tiny sizes, one thread)."""
 
 import importlib.util
 import math
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("diffusers")  # the peers' DDPM/DDIM schedulers
+pytest.importorskip("diffusers")  # the diffusers peer
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
 
@@ -22,51 +23,97 @@ def bench():
     return module
 
 
-def _specs(bench):
-    tiny = bench.ModelSpec(
-        "ours_tiny", "difflab unet_tiny", "ours", "difflab", 16, 6, lambda **kw: bench.build_ours("unet_tiny", 16, 6, **kw)
-    )
-    return [tiny, bench.model_specs()["course"]]
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    # tiny tensors on a shared 2-core machine: a second intra-op thread only spins
+    yield
 
 
-@pytest.mark.parametrize("variant", ["fp32", "bf16-cl"])
-@pytest.mark.parametrize("which", [0, 1], ids=["ours_tiny", "course"])
-def test_flops_train_step_and_sampling(bench, which, variant):
-    spec = _specs(bench)[which]
-    device = torch.device("cpu")
-    runner = bench.Runner(spec, bench.all_variants()[variant], device)
-    flops, attn_added = bench.count_forward_flops(spec, runner.net, device)
-    assert flops > 0 and attn_added >= 0
-    if spec.kind == "course":
-        assert flops == pytest.approx(0.301e9, rel=0.01)  # shared/MEASURED.md
-        assert runner.params == pytest.approx(1.48e6, rel=0.01)
-
-    rc = bench.RunConfig(train_batch=2, train_warmup=0, train_repeats=1, sample_n=2, sample_warmup=0, sample_warmup_steps=1, sample_repeats=0)
-    train = runner.time_training(rc)
-    assert train["loss_finite"] and len(train["step_s"]) == 1 and train["img_s"]["median"] > 0
-
-    _, ctx = bench.make_inputs(spec, 2, device)
-    images = runner.sample(2, steps=2, ctx=ctx)
-    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+def _spec(bench, key):
+    if key == "ours_tiny":
+        return bench.ModelSpec("ours_tiny", "difflab unet_tiny", "ours", 16, ("data=sprites", "model=unet_tiny"))
+    return bench.model_specs()[key]
 
 
-def test_cpu_sdpa_flops_are_added(bench, monkeypatch):
+def test_course_flops_and_params(bench):
+    net = bench.peers.build_peer("course", 16)
+    flops, attn_added = bench.flops.forward_flops(net)
+    assert flops == pytest.approx(0.301e9, rel=0.01)  # shared/MEASURED.md
+    assert attn_added == 0
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(1.48e6, rel=0.01)
+
+
+def test_cpu_sdpa_flops_are_added(bench):
     # the flop counter skips the CPU SDPA kernel: bench adds 4 B heads L^2 d per call
     q = torch.randn(2, 4, 64, 32)
 
     class Attn(torch.nn.Module):
-        def forward(self, x, t, ctx=None):
+        def forward(self, x, t, context=None):
             return torch.nn.functional.scaled_dot_product_attention(x, x, x)
 
-    spec = bench.ModelSpec("attn", "attn", "peer", "lucidrains", 16, 0, Attn)
-    monkeypatch.setattr(bench, "make_inputs", lambda *a, **k: (q, None))
-    flops, added = bench.count_forward_flops(spec, Attn(), torch.device("cpu"), batch=2)
+    flops, added = bench.flops.count_flops(Attn(), q, torch.zeros(2, dtype=torch.long))
     assert added == flops == 4 * 2 * 4 * 64 * 64 * 32 / 2
 
 
-def test_main_renders_a_table(bench, capsys):
-    report = bench.main(["--models", "course", "--precision", "fp32", "--skip-train", "--skip-sample", "--no-save",
-                         "--matmul-size", "128", "--matmul-repeats", "1"])
-    row = report["results"][0]
-    assert "error" not in row and math.isclose(row["params"], 1.48e6, rel_tol=0.01)
-    assert "| course ContextUnet" in capsys.readouterr().out
+@pytest.mark.parametrize(("key", "variant"), [("ours_tiny", "fp32"), ("ours_tiny", "bf16"), ("course", "fp32")])
+def test_one_real_training_step(bench, key, variant):
+    from difflab.ema import EMA
+    from difflab.module import DiffusionModule
+
+    runner = bench.Runner(_spec(bench, key), bench.all_variants()[variant], "cpu", batch=2)
+    try:
+        assert isinstance(runner.module, DiffusionModule)
+        assert runner.module.conditional  # ours: 6 classes, the course: 5 context features
+        before = [p.detach().clone() for p in runner.net.parameters()]
+        rc = bench.RunConfig(train_batch=2, train_warmup=1, train_repeats=1, sample_n=2, sample_warmup=0,
+                             sample_warmup_steps=1, sample_repeats=0)
+        train = runner.time_training(rc)
+        trainer = runner.trainer
+        assert trainer.global_step == 2 and len(train["step_s"]) == 1 and train["img_s"]["median"] > 0
+        assert train["loss_finite"] and train["batch"] == 2
+        # the Trainer as configured: clipping, the precision plugin, the EMA callback
+        assert trainer.gradient_clip_val == 1.0 and train["gradient_clip_val"] == 1.0
+        assert trainer.precision == {"fp32": "32-true", "bf16": "bf16-mixed"}[variant]
+        assert any(isinstance(c, EMA) for c in trainer.callbacks) and train["ema"]
+        # the module's own clipping hook ran (it logs the gradient norm)
+        assert "train/grad_norm" in trainer.callback_metrics
+        assert any(not torch.equal(a, b) for a, b in zip(before, runner.net.parameters()))
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize(("key", "variant"), [("ours_tiny", "fp32"), ("ours_tiny", "bf16"), ("course", "bf16"), ("diffusers_sprites", "fp32")])
+def test_sampling_through_generate(bench, key, variant):
+    runner = bench.Runner(_spec(bench, key), bench.all_variants()[variant], "cpu")
+    try:
+        out = runner.sample(2, steps=2)
+        assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
+        rc = bench.RunConfig(train_batch=2, train_warmup=0, train_repeats=0, sample_n=2, sample_warmup=0,
+                             sample_warmup_steps=1, sample_repeats=1)
+        if key == "ours_tiny":
+            sample = runner.time_sampling(rc)
+            assert sample["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[variant] and sample["images_finite"]
+            assert len(sample["run_s"]) == 1 and sample["img_s"]["median"] > 0
+            assert next(runner.net.parameters()).dtype == torch.float32  # the bf16 copy is a copy
+    finally:
+        runner.close()
+
+
+def test_main_renders_tables_and_ratios(bench, capsys, tmp_path):
+    argv = ["--models", "ours_sprites,course", "--precision", "fp32", "--rounds", "2", "--train-batch-16", "2",
+            "--train-warmup", "0", "--train-repeats", "1", "--sample-n-16", "2", "--sample-warmup", "0", "--sample-repeats", "1",
+            "--matmul-size", "128", "--matmul-repeats", "1", "--out", str(tmp_path), "--tag", "test"]
+    report = bench.main(argv)
+    rows = {r["model"]: r for r in report["results"]}
+    assert all("error" not in r for r in rows.values()), rows
+    assert math.isclose(rows["course"]["params"], 1.48e6, rel_tol=0.01)
+    for row in rows.values():
+        assert row["rounds"] == 2 and len(row["train"]["step_s"]) == 2 and len(row["sample"]["run_s"]) == 2
+        assert row["train"]["gflops_s"] > 0 and row["sample"]["gflops_s"] > 0
+    assert rows["course"]["model_target"].endswith("peers.build_peer")
+    (ratio,) = report["ratios"]
+    assert ratio["ours"] == "ours_sprites" and ratio["peer"] == "course" and ratio["train"] > 0 and ratio["sample"] > 0
+    out = capsys.readouterr().out
+    assert "| course ContextUnet" in out and "| 16 | fp32 | ours_sprites | course |" in out
+    stem = tmp_path / f"{report['date'][:10]}_cpu_test"
+    assert stem.with_suffix(".json").is_file() and stem.with_suffix(".md").is_file()
