@@ -281,3 +281,37 @@ def test_sinusoidal_embedding_closed_form() -> None:
     torch.testing.assert_close(emb.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-4)
     odd = sinusoidal_embedding(t, 9)
     assert odd.shape == (4, 9) and bool((odd[:, -1] == 0).all())
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_equals_diffusers_resnetblock2d(scale_shift: bool) -> None:
+    """Our ResBlock, added embedding or AdaGN (GN(h) (1 + s) + b), is diffusers' ResnetBlock2D with
+    time_embedding_norm default / scale_shift, given the same weights."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from difflab.nn.blocks import ResBlock
+
+    torch.manual_seed(0)
+    ours = ResBlock(16, 32, 64, dropout=0.0, groups=8, scale_shift=scale_shift).eval()
+    ref = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=64, groups=8, dropout=0.0, eps=1e-5,
+                        time_embedding_norm="scale_shift" if scale_shift else "default").eval()
+    with torch.no_grad():
+        for p in ours.conv2.parameters():
+            p.normal_(0, 0.05)  # zero-initialised: give it weights, or both outputs are the skip alone
+        names = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+                 "skip": "conv_shortcut"}
+        for mine, theirs in names.items():
+            getattr(ref, theirs).load_state_dict(getattr(ours, mine).state_dict())
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, emb), ref(x, emb), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_shift_unet_has_twice_the_embedding_projections() -> None:
+    plain = UNet(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_classes=6, norm_groups=8)
+    ada = UNet(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_classes=6, norm_groups=8, scale_shift=True)
+    extra = sum(p.numel() for p in ada.parameters()) - sum(p.numel() for p in plain.parameters())
+    blocks = [m for m in ada.modules() if type(m).__name__ == "ResBlock"]
+    assert extra == sum(m.emb_proj.out_features // 2 * (m.emb_proj.in_features + 1) for m in blocks)
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([1, 500]), torch.eye(6)[:2]
+    assert ada(x, t, c).shape == (2, 3, 16, 16)

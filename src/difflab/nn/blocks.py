@@ -15,13 +15,18 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, + projected embedding, GN-SiLU-dropout-conv, plus a (1x1) skip."""
+    """GN-SiLU-conv, + projected embedding, GN-SiLU-dropout-conv, plus a (1x1) skip.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int) -> None:
+    scale_shift: the embedding modulates the second normalisation instead of being added, GN(h) (1 + s) + b with
+    (s, b) = Linear(SiLU(emb)) (AdaGN; Dhariwal & Nichol 2021, diffusers' time_embedding_norm="scale_shift").
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, scale_shift: bool = False) -> None:
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -29,8 +34,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift  # AdaGN: GN(h) (1 + s) + b
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 

@@ -42,6 +42,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int = 0,
         norm_groups: int = 32,
+        scale_shift: bool = False,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -57,7 +58,7 @@ class UNet(nn.Module):
 
         def block(cin: int, cout: int, res: int) -> ResAttn:
             attn = SelfAttention(cout, norm_groups, attn_head_dim) if res in attn_resolutions else None
-            return ResAttn(ResBlock(cin, cout, emb_dim, dropout, norm_groups), attn)
+            return ResAttn(ResBlock(cin, cout, emb_dim, dropout, norm_groups, scale_shift), attn)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -75,8 +76,8 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList(
             [
-                ResAttn(ResBlock(ch, ch, emb_dim, dropout, norm_groups), SelfAttention(ch, norm_groups, attn_head_dim)),
-                ResAttn(ResBlock(ch, ch, emb_dim, dropout, norm_groups), None),
+                ResAttn(ResBlock(ch, ch, emb_dim, dropout, norm_groups, scale_shift), SelfAttention(ch, norm_groups, attn_head_dim)),
+                ResAttn(ResBlock(ch, ch, emb_dim, dropout, norm_groups, scale_shift), None),
             ]
         )
 
