@@ -10,6 +10,7 @@ A step whose loss or gradient norm is not finite stops the run before the weight
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -132,7 +133,9 @@ class DiffusionModule(L.LightningModule):
         factory = cfg.pop("scheduler")
         kwargs = {}
         if "total_steps" in inspect.signature(factory).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            total = self.trainer.estimated_stepping_batches
+            # no step or epoch limit (max_time only): a placeholder that difflab.budget.TimeBudget replaces
+            kwargs["total_steps"] = int(total) if math.isfinite(total) else 10**9
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": factory(optimizer=optimizer, **kwargs), **cfg}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

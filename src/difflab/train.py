@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from difflab.budget import TimeBudget
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
 from difflab.config import hydra_choice, instantiate_group, to_container
 from difflab.ddp import use_job_command_for_ddp_ranks
@@ -99,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"fine-tuning from the EMA weights of {init}")
 
     # always on, and after the configured ones: a signal's checkpoint must include this step's EMA update
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RandomStates(), Preemption(), FinalCheckpoint()]
+    callbacks = [*instantiate_group(cfg.get("callbacks")), TimeBudget(), RandomStates(), Preemption(), FinalCheckpoint()]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:

@@ -1,0 +1,64 @@
+"""A run that ends well inside ``trainer.max_time``: the LR schedule (and the last step) fitted to the time budget.
+
+Lightning's max_time alone cuts a run wherever the clock runs out, mid-schedule (the learning rate still high, the
+EMA weights far from a decayed model). TimeBudget measures the seconds per step so far (validation, sample grids and
+other callbacks included, as they count against max_time) after ``measure_steps`` steps, and again at half the
+estimated run, and sets the trainer's max_steps and the schedule's total_steps to the steps that fit in ``margin``
+of the remaining time: the run reaches the end of its schedule just before the budget. Both values travel in
+checkpoints, so a resumed run keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Timer
+
+from difflab.optim import WarmupDecay
+
+log = logging.getLogger(__name__)
+
+
+class TimeBudget(L.Callback):
+    def __init__(self, measure_steps: int = 60, margin: float = 0.95) -> None:
+        self.measure_steps = measure_steps
+        self.margin = margin
+        self.total_steps: int | None = None
+        self.recheck_at: int | None = None
+
+    @staticmethod
+    def timer(trainer: L.Trainer) -> Timer | None:
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        return timer if timer is not None and timer._duration is not None else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.total_steps is not None:  # resumed: the budget was fitted before the interruption
+            self.apply(trainer, self.total_steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        timer, step = self.timer(trainer), trainer.global_step
+        if timer is None or step not in (self.measure_steps, self.recheck_at):
+            return
+        seconds_per_step = timer.time_elapsed("train") / step
+        total = step + max(int(timer.time_remaining("train") * self.margin / seconds_per_step), 1)
+        first = self.total_steps is None
+        self.recheck_at = step + (total - step) // 2 if first else None
+        self.apply(trainer, total)
+        log.info(f"time budget: {seconds_per_step:.3f} s/step so far, so the run ends at step {total} "
+                 f"(the LR schedule's last step; {timer.time_remaining('train') / 60:.1f} min left)")
+
+    def apply(self, trainer: L.Trainer, total: int) -> None:
+        self.total_steps = total
+        trainer.fit_loop.epoch_loop.max_steps = total
+        for config in trainer.lr_scheduler_configs:
+            for fn in getattr(config.scheduler, "lr_lambdas", []):
+                if isinstance(fn, WarmupDecay):
+                    fn.total_steps = total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "recheck_at": self.recheck_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total_steps, self.recheck_at = state_dict.get("total_steps"), state_dict.get("recheck_at")
