@@ -98,16 +98,65 @@ def test_bad_objective_settings_name_the_key() -> None:
         Objective("eps", "p2")
 
 
-def test_train_with_v_prediction_saves_the_objective_and_samples_from_it(tmp_path) -> None:
+@pytest.mark.parametrize("objective,kind", [("v_min_snr", ("v", "min_snr")), ("edm", ("edm", "edm"))])
+def test_training_saves_the_objective_and_samples_from_it(tmp_path, objective, kind) -> None:
     from difflab.checkpoint import load_checkpoint, objective_of
     from difflab.sample import sample
     from difflab.train import train
 
-    cfg = compose_cfg(["model=unet_tiny", "debug=fast", "objective=v_min_snr", "timesteps=50", "~callbacks.sample_grid",
+    cfg = compose_cfg(["model=unet_tiny", "debug=fast", f"objective={objective}", "timesteps=50", "~callbacks.sample_grid",
                        "~callbacks.progress_bar", "trainer.enable_progress_bar=false"], tmp_path / "run")
     train(cfg)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     obj = objective_of(ckpt)
-    assert (obj.prediction, obj.weighting) == ("v", "min_snr")
+    assert (obj.prediction, obj.weighting) == kind
     files = sample(compose_cfg([f"ckpt={tmp_path / 'run'}", "n=2", "steps=3", "gif=false", "device=cpu"], tmp_path / "s", "sample"))
     assert files["grid"].is_file()
+
+
+def test_edm_preconditioning_round_trips_and_its_noise_levels_are_log_normal() -> None:
+    from difflab.objectives import EDM
+
+    s, obj = LinearSchedule(1000), EDM()
+    x0, noise = draws(2)
+    torch.manual_seed(0)
+    t = obj.sample_t(s, 20000, "cpu")
+    a, sig = signal_noise_at(s, t)
+    log_sigma = (sig / a).log()
+    # ln sigma ~ N(-1.2, 1.2^2), clipped to the schedule's [sigma_0, sigma_{T-1}] = [0.01, 157]: mean and std hold
+    assert abs(float(log_sigma.mean()) + 1.2) < 0.05 and abs(float(log_sigma.std()) - 1.2) < 0.05
+    t4 = t[:4]
+    a4, sig4 = (c.reshape(-1, 1, 1, 1).float() for c in signal_noise_at(s, t4))
+    sigma = sig4 / a4
+    c_skip, c_out, c_in = obj.coefs(sigma)
+    # Karras et al. Table 1 at sigma_data = 0.5: c_in = 1 / sqrt(sigma^2 + sd^2), c_skip = sd^2 / (sigma^2 + sd^2)
+    torch.testing.assert_close(c_in**2 * (sigma**2 + 0.25), torch.ones_like(sigma))
+    torch.testing.assert_close(c_skip, 0.25 / (sigma**2 + 0.25))
+    x = x0 + sigma * noise
+    perfect = (x0 - c_skip * x) / c_out  # the F that makes D(x; sigma) = x_0
+    assert float(obj.loss(lambda inp, t: perfect, s, x0, t4, noise).max()) < 1e-10
+    # the samplers' view: x_t = sqrt(ab) x_0 + sqrt(1 - ab) n, and the converted output is n
+    eps = obj.eps_denoiser(lambda inp, t: perfect, s)(a4 * x0 + sig4 * noise, t4)
+    torch.testing.assert_close(eps, noise, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_a_perfect_edm_network_lands_on_x0() -> None:
+    from difflab.objectives import EDM
+
+    s, obj = LinearSchedule(200), EDM()
+    x0 = draws(1, 2)[0]
+
+    class Oracle(torch.nn.Module):
+        in_channels, image_size, num_classes = 3, 4, 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_in, t, context=None, keep=None):
+            a, sig = (c.reshape(-1, 1, 1, 1).float() for c in signal_noise_at(s, t))
+            c_skip, c_out, c_in = obj.coefs(sig / a)
+            return (x0 - c_skip * x_in / c_in) / c_out
+
+    for sampler in (DDIMSampler(10, clip_x0=False), HeunSampler(8)):
+        torch.testing.assert_close(generate(Oracle(), s, sampler, 2, objective=obj, shape=(3, 4, 4)).images, x0, rtol=0, atol=2e-3)

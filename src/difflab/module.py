@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from difflab.diffusion import sample_timesteps
 from difflab.errors import NonFiniteLossError
 from difflab.objectives import Objective
 from difflab.schedules import NoiseSchedule
@@ -72,7 +71,7 @@ class DiffusionModule(L.LightningModule):
         x0, context = batch
         x0 = self._prepare(x0)
         b = x0.shape[0]
-        t = sample_timesteps(b, self.schedule.timesteps, x0.device)
+        t = self.objective.sample_t(self.schedule, b, x0.device)
         noise = torch.randn_like(x0)
         net = self._compiled_forward or self.net
         if self.conditional:

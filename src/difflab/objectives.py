@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.diffusion import Denoiser, q_sample
+from difflab.diffusion import Denoiser, q_sample, sample_timesteps
 from difflab.errors import ConfigError
 from difflab.schedules import NoiseSchedule, signal_noise_at
 from difflab.validate import number
@@ -68,10 +68,65 @@ class Objective:
             return (x_t - a * out) / sig  # eps = (x_t - a x_0) / s
         return sig * x_t + a * out  # eps = s x_t + a v
 
+    def sample_t(self, s: NoiseSchedule, batch: int, device: torch.device | str) -> Tensor:
+        # t ~ Uniform{0, ..., T-1}
+        return sample_timesteps(batch, s.timesteps, torch.device(device))
+
     def eps_denoiser(self, denoise: Denoiser, s: NoiseSchedule) -> Denoiser:
         if self.prediction == "eps":
             return denoise
         return lambda x, t: self.to_eps(s, x, t, denoise(x, t).float())
+
+
+class EDM(Objective):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) on the project's VP networks: with x = x_0 + sigma n,
+    D(x; sigma) = c_skip x + c_out F(c_in x, t(sigma)), c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2); the network's time input is the VP step t(sigma) (fractional, as for the Heun
+    sampler) instead of c_noise = ln(sigma) / 4, so the UNet stays as it is. Training: ln sigma ~ N(P_mean, P_std^2)
+    (clipped to the schedule's range), loss lambda(sigma) ||D - x_0||^2 = ||F - (x_0 - c_skip x) / c_out||^2."""
+
+    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+        number("objective.sigma_data", sigma_data, 1e-6, hint=" (EDM: 0.5 for images in [-1, 1])")
+        number("objective.p_std", p_std, 1e-6, hint=" (EDM: 1.2)")
+        number("objective.p_mean", p_mean, hint=" (EDM: -1.2)")
+        self.prediction, self.weighting, self.snr_gamma = "edm", "edm", 0.0
+        self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+
+    def __repr__(self) -> str:
+        return f"EDM(sigma_data={self.sigma_data}, p_mean={self.p_mean}, p_std={self.p_std})"
+
+    def coefs(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        # c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2)
+        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), (sigma**2 + sd2).rsqrt()
+
+    def sample_t(self, s: NoiseSchedule, batch: int, device: torch.device | str) -> Tensor:
+        from difflab.samplers.heun import vp_sigmas  # the sigma <-> t map the Heun sampler uses
+
+        sigmas = torch.as_tensor(vp_sigmas(s))
+        # ln sigma ~ N(P_mean, P_std^2), inside the trained range; t = the fractional step of that sigma
+        log_sigma = (torch.randn(batch, dtype=torch.float64) * self.p_std + self.p_mean).clamp(sigmas[0].log(), sigmas[-1].log())
+        lo = torch.searchsorted(sigmas.log(), log_sigma).clamp(1, len(sigmas) - 1) - 1
+        frac = (log_sigma - sigmas[lo].log()) / (sigmas[lo + 1].log() - sigmas[lo].log())
+        return (lo + frac).float().to(device)
+
+    def loss(self, net: Callable[..., Tensor], s: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, **net_kwargs: Any) -> Tensor:
+        a, sig = _coefs(s, t, x0)
+        sigma = sig / a
+        c_skip, c_out, c_in = self.coefs(sigma)
+        x = x0 + sigma * noise  # EDM's variable
+        out = net(c_in * x, t, **net_kwargs)
+        return F.mse_loss(out.float(), (x0 - c_skip * x) / c_out, reduction="none").flatten(1).mean(1)
+
+    def eps_denoiser(self, denoise: Denoiser, s: NoiseSchedule) -> Denoiser:
+        def eps(x_t: Tensor, t: Tensor) -> Tensor:
+            a, sig = _coefs(s, t, x_t)
+            sigma = sig / a
+            c_skip, c_out, c_in = self.coefs(sigma)
+            x = x_t / a  # VP x_t -> EDM x = x_t / sqrt(ab_t)
+            d = c_skip * x + c_out * denoise(c_in * x, t).float()
+            return (x - d) / sigma  # eps = (x - D(x; sigma)) / sigma
+        return eps
 
 
 def _coefs(s: NoiseSchedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
