@@ -17,7 +17,8 @@ from difflab.metrics.plot import line_chart
 log = logging.getLogger(__name__)
 
 # the columns of the sweep table, in order (per-class accuracies and nn-distance quantiles follow)
-MAIN = ["sampler", "steps", "guidance", "n", "fd", "kid", "kid_std", "cond_acc", "memorized", "images_per_second"]
+MAIN = ["sampler", "steps", "guidance", "n", "fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colors_median",
+        "top16_share", "memorized", "images_per_second"]
 SETTINGS = ("sampler", "guidance", "n", "seed", "ema", "feature", "ckpt", "schedule", "timesteps")  # what tells two lines of the plot apart
 # shown in front of the Markdown table when they differ between rows (e.g. a sweep over checkpoints)
 RUN_COLUMNS = ("ckpt", "schedule", "timesteps")
@@ -31,7 +32,8 @@ def _fmt(v: Any) -> str:
 
 def print_result(row: dict[str, Any], reference: dict[str, Any] | None, out_dir: Path) -> None:
     ref = reference or {}
-    keys = [k for k in row if k in ("fd", "kid", "kid_std", "cond_acc", "memorized") or k.startswith(("cond_acc/", "nn_dist"))]
+    keys = [k for k in row if k in ("fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colors_median", "top16_share",
+                                    "top16_share_min", "memorized") or k.startswith(("cond_acc/", "nn_dist"))]
     print(f"\n{row['sampler']} ({row['steps']} steps), n={row['n']}, guidance={row['guidance']}, {row['feature']} features"
           + (f"  [reused from {row['reused_from']}]" if row.get("reused_from") else ""))
     print(f"  {'metric':24s} {'samples':>10s} {'real val':>10s}")
@@ -106,7 +108,7 @@ def write_summary(folder: Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    shown = _varying(rows, RUN_COLUMNS) + [c for c in columns if c in MAIN]
+    shown = _varying(rows, RUN_COLUMNS) + [c for c in columns if c in MAIN or c.startswith("cond_acc/")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
