@@ -2,8 +2,8 @@
 
 Lightning's max_time alone cuts a run wherever the clock runs out, mid-schedule (the learning rate still high, the
 EMA weights far from a decayed model). TimeBudget measures the seconds per step so far (validation, sample grids and
-other callbacks included, as they count against max_time) after ``measure_steps`` steps, and again at half the
-estimated run, and sets the trainer's max_steps and the schedule's total_steps to the steps that fit in ``margin``
+other callbacks included, as they count against max_time) after ``measure_steps`` steps, and again half way to the
+estimated end each time (until under 20 steps remain), and sets the trainer's max_steps and the schedule's total_steps to the steps that fit in ``margin``
 of the remaining time: the run reaches the end of its schedule just before the budget. Both values travel in
 checkpoints, so a resumed run keeps them.
 """
@@ -43,8 +43,8 @@ class TimeBudget(L.Callback):
             return
         seconds_per_step = timer.time_elapsed("train") / step
         total = step + max(int(timer.time_remaining("train") * self.margin / seconds_per_step), 1)
-        first = self.total_steps is None
-        self.recheck_at = step + (total - step) // 2 if first else None
+        # re-checked half way to the end each time (a shared machine's speed drifts), until under 20 steps remain
+        self.recheck_at = step + (total - step) // 2 if total - step >= 20 else None
         self.apply(trainer, total)
         log.info(f"time budget: {seconds_per_step:.3f} s/step so far, so the run ends at step {total} "
                  f"(the LR schedule's last step; {timer.time_remaining('train') / 60:.1f} min left)")
