@@ -10,7 +10,7 @@ from difflab.errors import ConfigError
 from difflab.objectives import PREDICTIONS, Objective
 from difflab.samplers import DDIMSampler, HeunSampler
 from difflab.sampling import generate
-from difflab.schedules import CosineSchedule, LinearSchedule, signal_noise_at
+from difflab.schedules import CosineSchedule, LinearSchedule, sigma_to_t, signal_noise_at, vp_sigmas
 
 from support import compose_cfg
 
@@ -28,6 +28,13 @@ def test_signal_noise_at_is_the_schedule_at_integer_t_and_between_at_fractional_
     torch.testing.assert_close(sig, s.sqrt_one_minus_alphas_cumprod[t].double(), rtol=1e-6, atol=0)
     mid = signal_noise_at(s, torch.tensor([50.5]))[1]
     assert sig[2] < mid < signal_noise_at(s, torch.tensor([51]))[1]
+    # sigma_to_t is its inverse: the trained steps exactly, fractional steps back, out-of-range sigmas clamped
+    sigmas = vp_sigmas(s)
+    torch.testing.assert_close(sigma_to_t(s, sigmas[t]), t.double(), rtol=0, atol=1e-9)
+    frac = torch.tensor([0.25, 50.5, 98.75], dtype=torch.float64)
+    a, sig = signal_noise_at(s, frac)
+    torch.testing.assert_close(sigma_to_t(s, sig / a), frac, rtol=0, atol=1e-9)
+    assert sigma_to_t(s, torch.tensor([1e-9, 1e9])).tolist() == [0.0, 99.0]
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)

@@ -535,7 +535,7 @@ def test_heun_solves_the_probability_flow_ode_of_gaussian_data() -> None:
     x(sigma) = mu + (x(sigma_max) - mu) sqrt(c^2 + sigma^2) / sqrt(c^2 + sigma_max^2). Heun is second order: doubling
     the steps divides the error at sigma = 0 by about 4 (Euler: 2), down to the float32 rounding of D = x - sigma eps."""
     from difflab.samplers import HeunSampler
-    from difflab.samplers.heun import vp_sigmas
+    from difflab.schedules import vp_sigmas
 
     s, c, mu = LinearSchedule(1000), 0.5, 0.3
     log_sigmas = torch.as_tensor(vp_sigmas(s)).log()
@@ -587,8 +587,8 @@ def test_cfg_rescale_is_diffusers_rescale_noise_cfg(cond_net) -> None:
 
 
 def test_guidance_interval_in_sigma_maps_to_timesteps() -> None:
-    from difflab.samplers.heun import vp_sigmas
     from difflab.sampling import Guidance
+    from difflab.schedules import vp_sigmas
 
     s = LinearSchedule(1000)
     sig = vp_sigmas(s)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from difflab.diffusion import Denoiser, q_sample, sample_timesteps
 from difflab.errors import ConfigError
-from difflab.schedules import NoiseSchedule, signal_noise_at
+from difflab.schedules import NoiseSchedule, sigma_to_t, signal_noise_at
 from difflab.validate import number
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -101,14 +101,9 @@ class EDM(Objective):
         return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), (sigma**2 + sd2).rsqrt()
 
     def sample_t(self, s: NoiseSchedule, batch: int, device: torch.device | str) -> Tensor:
-        from difflab.samplers.heun import vp_sigmas  # the sigma <-> t map the Heun sampler uses
-
-        sigmas = torch.as_tensor(vp_sigmas(s))
-        # ln sigma ~ N(P_mean, P_std^2), inside the trained range; t = the fractional step of that sigma
-        log_sigma = (torch.randn(batch, dtype=torch.float64) * self.p_std + self.p_mean).clamp(sigmas[0].log(), sigmas[-1].log())
-        lo = torch.searchsorted(sigmas.log(), log_sigma).clamp(1, len(sigmas) - 1) - 1
-        frac = (log_sigma - sigmas[lo].log()) / (sigmas[lo + 1].log() - sigmas[lo].log())
-        return (lo + frac).float().to(device)
+        # ln sigma ~ N(P_mean, P_std^2); t = the fractional step of that sigma (inside the trained range)
+        log_sigma = torch.randn(batch, dtype=torch.float64) * self.p_std + self.p_mean
+        return sigma_to_t(s, log_sigma.exp()).float().to(device)
 
     def loss(self, net: Callable[..., Tensor], s: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, **net_kwargs: Any) -> Tensor:
         a, sig = _coefs(s, t, x0)

@@ -27,8 +27,7 @@ from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
 from difflab.objectives import Objective
 from difflab.samplers.base import SampleOutput, Sampler
 from difflab.samplers.guidance import guided_denoiser
-from difflab.samplers.heun import sigma_to_t, vp_sigmas
-from difflab.schedules import NoiseSchedule
+from difflab.schedules import NoiseSchedule, sigma_to_t
 from difflab.validate import integer, number
 
 PRECISIONS = ("auto", "32", "bf16")
@@ -61,8 +60,7 @@ class Guidance:
     def denoiser(self, net: nn.Module, context: Tensor | None, schedule: NoiseSchedule) -> Any:
         t_interval = None
         if self.interval is not None:  # sigma -> (fractional) t on this schedule
-            sigmas = vp_sigmas(schedule)
-            t_interval = (sigma_to_t(max(self.interval[0], 1e-12), sigmas), sigma_to_t(self.interval[1], sigmas))
+            t_interval = (float(sigma_to_t(schedule, max(self.interval[0], 1e-12))), float(sigma_to_t(schedule, self.interval[1])))
         return guided_denoiser(net, context, self.scale, t_interval, self.rescale)
 
 

@@ -70,11 +70,27 @@ class NoiseSchedule(nn.Module):
         return f"T={self.timesteps}, alpha_bar[T-1]={self.alphas_cumprod[-1].item():.3g}"
 
 
+# The one map between a VP step t and EDM's noise level sigma_t = sqrt(1 - ab_t) / sqrt(ab_t): at the trained steps
+# exactly, between them linear in log sigma (as diffusers' Karras-sigma schedulers interpolate), both directions.
+
+
+def vp_sigmas(s: NoiseSchedule) -> Tensor:
+    """sigma_t for t = 0..T-1, float64 (T,), from the terms the schedule computed in float64 (1 - ab_t from a float32
+    ab_t would lose 3 digits at t = 0)."""
+    return s.sqrt_one_minus_alphas_cumprod.double() / s.sqrt_alphas_cumprod.double()
+
+
+def sigma_to_t(s: NoiseSchedule, sigma: Tensor | float) -> Tensor:
+    """The fractional step whose noise level is ``sigma`` (float64, on the schedule's device), clamped to [0, T-1]."""
+    log_sigmas = vp_sigmas(s).log()
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device).log().clamp(log_sigmas[0], log_sigmas[-1])
+    lo = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+    return lo + (log_sigma - log_sigmas[lo]) / (log_sigmas[lo + 1] - log_sigmas[lo])
+
+
 def signal_noise_at(s: NoiseSchedule, t: Tensor) -> tuple[Tensor, Tensor]:
-    """(sqrt(ab_t), sqrt(1 - ab_t)) in float64, shape (B,), at integer or fractional t: linear in log sigma between
-    trained steps, sigma_t = sqrt(1 - ab_t) / sqrt(ab_t) (taken from the terms computed in float64: 1 - ab_t from a
-    float32 ab_t would lose 3 digits at t = 0)."""
-    log_sigma = (s.sqrt_one_minus_alphas_cumprod.double() / s.sqrt_alphas_cumprod.double()).log()
+    """(sqrt(ab_t), sqrt(1 - ab_t)) in float64, shape (B,), at integer or fractional t (the inverse of sigma_to_t)."""
+    log_sigma = vp_sigmas(s).log()
     t = t.double().to(log_sigma.device)
     lo = t.floor().long().clamp(0, len(log_sigma) - 2)
     sigma = (log_sigma[lo] + (t - lo) * (log_sigma[lo + 1] - log_sigma[lo])).exp()

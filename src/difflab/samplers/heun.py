@@ -17,24 +17,13 @@ from torch import Tensor
 
 from difflab.diffusion import Denoiser
 from difflab.samplers.base import Noise, SampleOutput, Sampler, _progress, check_settings, noise_like
-from difflab.schedules import NoiseSchedule
+from difflab.schedules import NoiseSchedule, sigma_to_t, vp_sigmas
 from difflab.validate import number
-
-
-def vp_sigmas(s: NoiseSchedule) -> np.ndarray:
-    # sigma_t = sqrt(1 - ab_t) / sqrt(ab_t), from the terms the schedule computed in float64 (1 - ab_t from a float32
-    # ab_t would lose 3 digits at t = 0)
-    return (s.sqrt_one_minus_alphas_cumprod.double() / s.sqrt_alphas_cumprod.double()).cpu().numpy()
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
     ramp = np.linspace(0, 1, steps)
     return np.append((sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho, 0.0)
-
-
-def sigma_to_t(sigma: float, sigmas: np.ndarray) -> float:
-    """The fractional timestep whose sigma is ``sigma``: linear in log sigma between neighbouring trained steps."""
-    return float(np.interp(math.log(sigma), np.log(sigmas), np.arange(len(sigmas))))
 
 
 class HeunSampler(Sampler):
@@ -52,7 +41,7 @@ class HeunSampler(Sampler):
 
     def sigmas(self, s: NoiseSchedule) -> np.ndarray:
         trained = vp_sigmas(s)
-        return karras_sigmas(self.steps, self.sigma_min or trained[0], self.sigma_max or trained[-1], self.rho)
+        return karras_sigmas(self.steps, self.sigma_min or float(trained[0]), self.sigma_max or float(trained[-1]), self.rho)
 
     def timesteps(self, T: int) -> list[int]:
         return list(range(self.steps))  # one entry per step: what sample.py counts and records the chain by
@@ -60,11 +49,11 @@ class HeunSampler(Sampler):
     @torch.no_grad()
     def sample(self, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, generator: Noise | None = None, record_every: int = 0,
                progress: bool = False) -> SampleOutput:
-        trained, sigmas = vp_sigmas(s), self.sigmas(s)
+        sigmas = self.sigmas(s)
 
         def D(x: Tensor, sigma: float) -> Tensor:
             # D(x; sigma) = x - sigma eps_theta(x / sqrt(1 + sigma^2), t(sigma))
-            t = torch.full((x.shape[0],), sigma_to_t(sigma, trained), device=x.device)
+            t = torch.full((x.shape[0],), float(sigma_to_t(s, sigma)), device=x.device)
             return x - sigma * denoise(x / math.sqrt(1 + sigma**2), t).float()
 
         x = x_T * sigmas[0]  # x_0 ~ N(0, sigma_max^2 I)
