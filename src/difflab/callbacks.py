@@ -30,34 +30,43 @@ def due_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
     return (trainer.current_epoch + 1) % every_n_epochs == 0 or last_epoch
 
 
-def first_validation_batch(trainer: L.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
-    return batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking
-
-
 def class_contexts(num_classes: int, per_class: int) -> torch.Tensor:
     """One-hot contexts, ``per_class`` per class, class-major: one grid row per class."""
     return torch.eye(num_classes).repeat_interleave(per_class, 0)
 
 
-class SampleGrid(L.Callback):
+class _ValidationSampler(L.Callback):
+    """What both callbacks share: a sampler (conf/sampler), a seed, guidance, the inference precision, and when they
+    run: after the first validation batch of every ``every_n_epochs``-th epoch and of the last."""
+
+    def __init__(self, sampler: Sampler, every_n_epochs: int, seed: int, guidance: float, guidance_interval: list[float] | None,
+                 guidance_rescale: float, precision: str) -> None:
+        self.sampler = sampler
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.guidance = Guidance.from_config(guidance, guidance_interval, guidance_rescale)
+        self.precision = precision
+
+    def due(self, trainer: L.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
+        first = batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking
+        return first and due_this_epoch(trainer, self.every_n_epochs)
+
+
+class SampleGrid(_ValidationSampler):
     """Every ``every_n_epochs`` validation epochs (and the last), a fixed-seed grid: one row per class."""
 
     def __init__(self, sampler: Sampler, every_n_epochs: int = 5, per_class: int = 8, n_uncond: int = 64, seed: int = 0,
                  guidance: float = 0.0, chain: bool = True, chain_every: int = 1, precision: str = "auto",
                  guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0) -> None:
-        self.sampler = sampler
-        self.every_n_epochs = every_n_epochs
+        super().__init__(sampler, every_n_epochs, seed, guidance, guidance_interval, guidance_rescale, precision)
         self.per_class = per_class
         self.n_uncond = n_uncond
-        self.seed = seed
-        self.guidance = Guidance.from_config(guidance, guidance_interval, guidance_rescale)
         self.chain = chain
         self.chain_every = chain_every
-        self.precision = precision
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if first_validation_batch(trainer, batch_idx, dataloader_idx) and trainer.is_global_zero and due_this_epoch(trainer, self.every_n_epochs):
+        if trainer.is_global_zero and self.due(trainer, batch_idx, dataloader_idx):
             self.render(trainer, pl_module)
 
     @torch.no_grad()
@@ -83,7 +92,7 @@ class SampleGrid(L.Callback):
         return path
 
 
-class SampleQuality(L.Callback):
+class SampleQuality(_ValidationSampler):
     """Every ``every_n_epochs`` validation epochs (and the last), FD/KID/accuracy of n samples scored as evaluate.py
     scores them, logged as val/fd, val/kid, val/cond_acc (class-balanced), val/cond_acc/<class>, ...
     (ModelCheckpoint can monitor val/fd). Under DDP every rank samples its share and the metric states are
@@ -93,20 +102,16 @@ class SampleQuality(L.Callback):
     def __init__(self, sampler: Sampler, metrics: dict[str, Any] | None = None, every_n_epochs: int = 10, n: int = 256,
                  batch_size: int = 128, seed: int = 0, guidance: float = 0.0, precision: str = "auto",
                  guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0) -> None:
-        self.sampler = sampler
-        self.every_n_epochs = every_n_epochs
+        super().__init__(sampler, every_n_epochs, seed, guidance, guidance_interval, guidance_rescale, precision)
         self.n = n
         self.batch_size = batch_size
-        self.seed = seed
-        self.guidance = Guidance.from_config(guidance, guidance_interval, guidance_rescale)
-        self.precision = precision
         self.metrics_cfg = MetricsConfig.from_mapping(metrics)
         self.context: MetricsContext | None = None
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         # the same decision on every rank: all of them sample, or none
-        if not first_validation_batch(trainer, batch_idx, dataloader_idx) or not due_this_epoch(trainer, self.every_n_epochs):
+        if not self.due(trainer, batch_idx, dataloader_idx):
             return
         for key, value in self.evaluate(trainer, pl_module).items():
             if not key.startswith("_"):
@@ -121,8 +126,8 @@ class SampleQuality(L.Callback):
         if self.context is None:  # built on first use: the classifier and real features cost nothing until then
             identity = getattr(pl_module, "data_identity", None) or trainer.datamodule.identity()
             self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, identity, conditional=k > 0, device=pl_module.device)
-        plan = class_plan(self.n, self.batch_size, self.seed, k, self.guidance, data_cfg, trainer.datamodule, self.precision)
-        plan.objective = getattr(pl_module, "objective", None)
+        plan = class_plan(self.n, self.batch_size, self.seed, k, self.guidance, data_cfg, trainer.datamodule, self.precision,
+                          objective=getattr(pl_module, "objective", None))
         metrics = self.context.new_metrics(trainer.global_rank, trainer.world_size, self.seed)
         for chunk in plan.chunks_for(trainer.global_rank, trainer.world_size):
             if chunk >= 0:

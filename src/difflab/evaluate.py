@@ -29,7 +29,16 @@ from difflab.images import grid, save_npz, save_png
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers.base import Sampler
-from difflab.sampling import SamplePlan, class_plan, effective_sampler, guidance_of, inference_dtype, inference_net, output_stage
+from difflab.sampling import (
+    SamplePlan,
+    check_output_stage,
+    class_plan,
+    effective_sampler,
+    guidance_of,
+    inference_dtype,
+    inference_net,
+    output_stage,
+)
 from difflab.validate import check_sampling, check_trainer_config
 
 log = logging.getLogger(__name__)
@@ -158,7 +167,7 @@ def check_request(cfg: DictConfig) -> None:
     check_trainer_config(cfg.trainer)
     inference_dtype(cfg.precision, "cpu")  # the name is checked here, the device once the trainer has one
     guidance_of(cfg)
-    output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    check_output_stage(cfg.get("palette"), cfg.get("palette_colors", 16))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -189,9 +198,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"the checkpoint's classes {class_names} differ from the data set's {list(datamodule.class_names)}")
     sampler = instantiate(sampler_cfg)
     k = getattr(net, "num_classes", 0)
-    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, guidance_of(cfg), data_cfg, datamodule, cfg.precision)
-    plan.objective = objective_of(ckpt)
-    plan.post = output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), datamodule.train_set.tensors[0])
+    plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, guidance_of(cfg), data_cfg, datamodule, cfg.precision,
+                      objective=objective_of(ckpt),
+                      post=output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), datamodule.train_set.tensors[0]))
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(ckpt, cfg, datamodule), conditional=k > 0)
 
@@ -205,7 +214,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     n_steps = len(sampler.timesteps(schedule.timesteps))
     row: dict[str, Any] = {
         "sampler": name, "steps": n_steps, "steps_requested": cfg.get("steps"), "n": cfg.n, "guidance": cfg.guidance,
-        "guidance_interval": str(guidance_of(cfg).interval or ""), "guidance_rescale": guidance_of(cfg).rescale,
+        "guidance_interval": str(plan.guidance.interval or ""), "guidance_rescale": plan.guidance.rescale,
         "palette": f"{cfg.palette}:{cfg.get('palette_colors', 16)}" if cfg.get("palette") else "",
         "seed": cfg.seed, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(ckpt_path),
         "precision": str(next(module.net.parameters()).dtype).removeprefix("torch."),

@@ -19,7 +19,15 @@ from torch import Tensor
 from difflab.checkpoint import build_from_checkpoint, load_checkpoint, objective_of, resolve_checkpoint
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png, to_uint8
-from difflab.sampling import effective_sampler, generate, guidance_of, inference_dtype, inference_net, output_stage
+from difflab.sampling import (
+    check_output_stage,
+    effective_sampler,
+    generate,
+    guidance_of,
+    inference_dtype,
+    inference_net,
+    output_stage,
+)
 from difflab.validate import check_sampling, integer
 
 log = logging.getLogger(__name__)
@@ -114,7 +122,7 @@ def check_request(cfg: DictConfig) -> None:
         integer("frames", cfg.frames, 1, " (or gif=false)")
     inference_dtype(cfg.precision, "cpu")  # the name; what auto means is decided on the device
     guidance_of(cfg)
-    output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    check_output_stage(cfg.get("palette"), cfg.get("palette_colors", 16))
 
 
 def training_images(ckpt: dict[str, Any]) -> Tensor:
@@ -139,6 +147,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     label, context = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (cfg.label, cfg.context))
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
+    guidance = guidance_of(cfg)
     stage = output_stage(cfg.get("palette"), cfg.get("palette_colors", 16),
                          training_images(ckpt) if cfg.get("palette") == "data" else None)
     sampler_cfg = effective_sampler(cfg.sampler, cfg.steps)
@@ -149,7 +158,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
     log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
     start = time.perf_counter()
-    out = generate(net, schedule, sampler, n_total, contexts, guidance_of(cfg), cfg.seed, batch_size=cfg.batch_size, objective=objective_of(ckpt),
+    out = generate(net, schedule, sampler, n_total, contexts, guidance, cfg.seed, batch_size=cfg.batch_size, objective=objective_of(ckpt),
                    precision=cfg.precision, record_every=record_every, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -174,8 +183,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain], folder / "x0_chain.gif")
     meta = {
         "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
-        "seed": cfg.seed, "guidance": cfg.guidance, "guidance_interval": guidance_of(cfg).interval,
-        "guidance_rescale": cfg.get("guidance_rescale", 0.0), "palette": cfg.get("palette"),
+        "seed": cfg.seed, "guidance": cfg.guidance, "guidance_interval": guidance.interval,
+        "guidance_rescale": guidance.rescale, "palette": cfg.get("palette"),
         "palette_colors": cfg.get("palette_colors") if cfg.get("palette") else None, "rows": captions, "ema": cfg.ema, "device": str(device),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),

@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -70,14 +70,21 @@ def guidance_of(cfg: Mapping[str, Any]) -> Guidance:
     return Guidance.from_config(cfg["guidance"], list(interval) if interval is not None else None, cfg.get("guidance_rescale", 0.0))
 
 
-def output_stage(palette: str | None, colors: int = 16, data_images: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
-    """palette=sprite: each sample snapped to its own ``colors`` colours; data: to the data set's ``colors`` most frequent
-    colours (from its training images); null: the samples as the model made them."""
+def check_output_stage(palette: str | None, colors: int = 16) -> None:
+    """The palette= / palette_colors= keys, as typed."""
     if palette is None:
-        return None
+        return
     if palette not in PALETTES:
         raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)} (or null for the raw samples)")
     integer("palette_colors", colors, 2, " (real sprites use about 8)")
+
+
+def output_stage(palette: str | None, colors: int = 16, data_images: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
+    """palette=sprite: each sample snapped to its own ``colors`` colours; data: to the data set's ``colors`` most frequent
+    colours (from its training images); null: the samples as the model made them."""
+    check_output_stage(palette, colors)
+    if palette is None:
+        return None
     if palette == "sprite":
         return partial(snap_to_palette, colors=colors)
     if data_images is None:
@@ -223,10 +230,12 @@ class SamplePlan:
     def chunk_indices(self, chunk: int) -> Tensor:
         return torch.arange(chunk * self.batch_size, min((chunk + 1) * self.batch_size, self.n))
 
+    @cached_property
+    def all_labels(self) -> Tensor:
+        return proportional_labels(self.n, self.classes, self.weights)
+
     def labels(self, index: Tensor) -> Tensor | None:
-        if not self.num_classes:
-            return None
-        return proportional_labels(self.n, self.classes, self.weights)[index]
+        return self.all_labels[index] if self.num_classes else None
 
     def chunks_for(self, rank: int, world: int) -> list[int]:
         """This rank's chunks; [-1] (make nothing) when there are fewer chunks than ranks."""
@@ -252,10 +261,11 @@ def trained_classes(data_cfg: Mapping[str, Any], class_names: Sequence[str]) -> 
 
 
 def class_plan(n: int, batch_size: int, seed: int, num_classes: int, guidance: float | Guidance, data_cfg: Mapping[str, Any],
-               datamodule: Any, precision: str = "32") -> SamplePlan:
-    """The plan for a model with num_classes contexts (0: unconditional), labels in the training data's proportions."""
+               datamodule: Any, precision: str = "32", **settings: Any) -> SamplePlan:
+    """The plan for a model with num_classes contexts (0: unconditional), labels in the training data's proportions;
+    settings: SamplePlan's other fields (post, objective)."""
     if not num_classes:
-        return SamplePlan(n, batch_size, seed, 0, (), guidance, precision=precision)
+        return SamplePlan(n, batch_size, seed, 0, (), guidance, precision=precision, **settings)
     classes = trained_classes(data_cfg, datamodule.class_names)
     counts = datamodule.class_counts()
-    return SamplePlan(n, batch_size, seed, num_classes, classes, guidance, [float(counts[c]) for c in classes], precision)
+    return SamplePlan(n, batch_size, seed, num_classes, classes, guidance, [float(counts[c]) for c in classes], precision, **settings)
