@@ -83,9 +83,14 @@ def snap_to_palette(images: Tensor, colors: int = 16, palette: np.ndarray | None
     return pal[nearest].round().to(torch.uint8).reshape(images.shape[0], *images.shape[2:], 3).permute(0, 3, 1, 2)
 
 
+def rgb_codes(images: Tensor) -> Tensor:
+    """uint8 (N, 3, H, W) -> (N, H*W) int64: one integer per RGB colour, r << 16 | g << 8 | b."""
+    rgb = images.long().flatten(2)
+    return (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+
+
 def data_palette(images: Tensor, colors: int = 64) -> np.ndarray:
     """The ``colors`` most frequent RGB colours of uint8 images (N, 3, H, W), most frequent first: (colors, 3) uint8."""
-    rgb = images.long().permute(0, 2, 3, 1).reshape(-1, 3)
-    codes, counts = ((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]).unique(return_counts=True)
+    codes, counts = rgb_codes(images).flatten().unique(return_counts=True)
     top = codes[counts.argsort(descending=True, stable=True)[:colors]]
     return torch.stack([(top >> 16) & 255, (top >> 8) & 255, top & 255], 1).to(torch.uint8).numpy()

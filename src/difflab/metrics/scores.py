@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
+from difflab.images import rgb_codes
 from difflab.metrics.features import FeatureNet, PassThrough
 
 QUANTILES = (0.01, 0.05, 0.5)
@@ -112,10 +113,8 @@ class PaletteStats(Metric):
 
 def palette_stats(images: Tensor, top: int = 16) -> tuple[Tensor, Tensor]:
     """uint8 (B, 3, H, W) -> (distinct colours (B,), share of pixels in the ``top`` most frequent colours (B,))."""
-    rgb = images.long().flatten(2)
-    codes = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]  # one integer per RGB colour
     colors, coverage = [], []
-    for row in codes:
+    for row in rgb_codes(images):
         counts = row.unique(return_counts=True)[1]
         colors.append(len(counts))
         coverage.append(counts.topk(min(top, len(counts))).values.sum() / len(row))
