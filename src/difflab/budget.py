@@ -3,9 +3,9 @@
 Lightning's max_time alone cuts a run wherever the clock runs out, mid-schedule (the learning rate still high, the
 EMA weights far from a decayed model). TimeBudget measures the seconds per step so far (validation, sample grids and
 other callbacks included, as they count against max_time) after ``measure_steps`` steps, and again half way to the
-estimated end each time (until under 20 steps remain), and sets the trainer's max_steps and the schedule's total_steps to the steps that fit in ``margin``
-of the remaining time: the run reaches the end of its schedule just before the budget. Both values travel in
-checkpoints, so a resumed run keeps them.
+estimated end each time (until under 20 steps remain), and sets the trainer's max_steps and the schedule's
+total_steps to the steps that fit in ``margin`` of the remaining time: the run reaches the end of its schedule just
+before the budget. Both values travel in checkpoints, so a resumed run keeps them.
 """
 
 from __future__ import annotations
