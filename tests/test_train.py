@@ -36,6 +36,12 @@ def test_cli_cosine_512_exactly_as_written(tmp_path):
     assert f"Run folder: {tmp_path}" in out and "last.ckpt" in out
 
 
+def test_logger_none_trains_with_the_default_callbacks(tmp_path):
+    """logger=none as the README lists it: the LR monitor (which needs a logger) is left out instead of stopping the run."""
+    train(compose_cfg([*TINY, "logger=none", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"], tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4 and not (tmp_path / "csv").exists()
+
+
 def test_sweep_runs_each_job_in_its_own_dir_and_groups_wandb_runs(tmp_path):
     env = {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": "", "WANDB_MODE": ""}
     env = {k: v for k, v in env.items() if v}

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from difflab.budget import TimeBudget
@@ -102,6 +103,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # always on, and after the configured ones: a signal's checkpoint must include this step's EMA update
     callbacks = [*instantiate_group(cfg.get("callbacks")), TimeBudget(), RandomStates(), Preemption(), FinalCheckpoint()]
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without one (it has nowhere to write)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(to_container(cfg))
