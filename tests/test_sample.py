@@ -110,3 +110,52 @@ def test_palette_output_stage_limits_the_colours(trained, tmp_path):
             images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2)
         colors, _ = palette_stats(images)
         assert colors.max() <= bound and json.loads((tmp_path / palette / "meta.json").read_text())["palette"] == palette
+
+
+def test_exported_checkpoint_is_the_ema_weights_in_float16(trained, tmp_path):
+    """python -m difflab.export: only the network's EMA weights, rounded to float16; sampling from it equals sampling
+    from the training checkpoint with its weights rounded the same way (bit for bit), and init_from= loads it."""
+    from difflab.checkpoint import build_from_checkpoint, check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
+    from difflab.samplers import DDIMSampler
+    from difflab.sampling import generate
+
+    out = tmp_path / "shipped.ckpt"
+    result = run_script("-m", "difflab.export", str(trained), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = load_checkpoint(resolve_checkpoint(trained, tmp_path))
+    shipped = load_checkpoint(out)
+    ema = net_state_dict(source, ema=True)
+    assert set(shipped["state_dict"]) == {f"net.{k}" for k in ema} and "optimizer_states" not in shipped
+    assert all(torch.equal(shipped["state_dict"][f"net.{k}"], v.half()) for k, v in ema.items())
+    assert out.stat().st_size < 0.3 * resolve_checkpoint(trained, tmp_path).stat().st_size
+
+    net_a, schedule = build_from_checkpoint(source)
+    with torch.no_grad():
+        for p in net_a.parameters():
+            p.copy_(p.half().float())
+    net_b, _ = build_from_checkpoint(shipped)
+    ctx = torch.eye(6)[[0, 2, 4]]
+    a, b = (generate(n, schedule, DDIMSampler(steps=5), 3, ctx, guidance=1.0, seed=1).images for n in (net_a, net_b))
+    assert torch.equal(a, b)
+    fresh = build_from_checkpoint(source)[0]
+    check_compatible(fresh, net_state_dict(shipped), "init_from")  # what train.py does with init_from=
+    fresh.load_state_dict(net_state_dict(shipped))
+
+
+def test_a_checkpoint_from_another_clone_finds_its_data_here(tmp_path):
+    from difflab.checkpoint import relocated
+
+    saved = {"paths": {"root_dir": "/old/clone", "data_dir": "/old/clone/data"},
+             "data": {"path": "/old/clone/data/sprites/x.npz", "classes": ["hero"], "note": "/old/clone-2/y"}, "lr": 1e-3}
+    moved = relocated(saved, tmp_path)
+    assert moved["data"]["path"] == f"{tmp_path}/data/sprites/x.npz" and moved["paths"]["root_dir"] == str(tmp_path)
+    assert moved["data"]["note"] == "/old/clone-2/y" and moved["data"]["classes"] == ["hero"] and moved["lr"] == 1e-3
+    assert relocated(moved, tmp_path) == moved
+
+
+def test_missing_pretrained_model_says_how_to_restore_it(tmp_path, monkeypatch):
+    import difflab.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "PRETRAINED", tmp_path / "nowhere.ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="git checkout data/pretrained"):
+        checkpoint.resolve_checkpoint("pretrained", tmp_path)

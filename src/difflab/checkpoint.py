@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.config import PROJECT_ROOT
 from difflab.errors import CheckpointError  # noqa: F401  (re-exported: callers import it from here)
+
+# the shipped model (data/pretrained/MODEL_CARD.md): ckpt=pretrained, init_from=pretrained
+PRETRAINED = PROJECT_ROOT / "data" / "pretrained" / "sprites.ckpt"
 
 
 def resolve_checkpoint(spec: str | Path, search_dir: str | Path) -> Path:
-    """A .ckpt file, a run folder (its checkpoints/last.ckpt), or "last": the newest last.ckpt under search_dir."""
+    """A .ckpt file, a run folder (its checkpoints/last.ckpt), "last": the newest last.ckpt under search_dir, or
+    "pretrained": the shipped sprites model."""
+    if str(spec) == "pretrained":
+        if not PRETRAINED.is_file():
+            raise CheckpointError(f"the shipped pretrained model is missing: {PRETRAINED} (restore it with `git checkout data/pretrained`)")
+        return PRETRAINED
     if str(spec) == "last":
         found = sorted(Path(search_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
@@ -41,7 +51,46 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               "pass a .ckpt written by train.py") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "difflab_config" not in ckpt:
         raise CheckpointError(f"{path} is not a difflab checkpoint (no state_dict/difflab_config): was it written by train.py?")
+    ckpt["difflab_config"] = relocated(ckpt["difflab_config"], PROJECT_ROOT)
     return ckpt
+
+
+def relocated(config: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The saved run config with every path under the training run's project root (paths.root_dir) moved under
+    ``root``: a checkpoint written in another clone or on another machine (the shipped one) finds its data here."""
+    old = str((config.get("paths") or {}).get("root_dir") or "")
+    if not old or old == str(root):
+        return config
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+            return str(root) + value[len(old):]
+        return value
+
+    return move(config)
+
+
+def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A checkpoint for shipping: the EMA weights of the network in ``dtype`` (half the float32 size; the samplers
+    run a bf16 copy on bf16 hardware anyway), the run config, classes and data identity; no optimizer state, raw
+    weights or callback states (it samples and fine-tunes, init_from=, but does not resume). Written atomically."""
+    ckpt = load_checkpoint(src)
+    weights = net_state_dict(ckpt, ema=True)
+    slim = {
+        "state_dict": {f"net.{k}": v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
+        **{k: ckpt.get(k) for k in ("difflab_config", "class_names", "difflab_data", "epoch", "global_step")},
+        "difflab_export": {"source": Path(src).name, "dtype": str(dtype).removeprefix("torch.")},
+    }
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def net_state_dict(ckpt: dict[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:
