@@ -29,15 +29,19 @@ def test_the_run_ends_at_the_end_of_its_schedule_inside_the_budget(tmp_path, mon
     monkeypatch.setattr(TimeBudget.__init__, "__defaults__", (5, 0.95))  # measure after 5 steps
     cfg = compose_cfg(["model=unet_tiny", "timesteps=50", "data.batch_size=8", "data.limit=64", "trainer.max_epochs=-1",
                        "trainer.max_time=00:01:00:00", "trainer.log_every_n_steps=1", "optim.lr_scheduler.scheduler.warmup_steps=2",
-                       "~callbacks.sample_grid", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"], tmp_path)
+                       "callbacks.sample_grid.every_n_epochs=1000", "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.chain=false",
+                       "callbacks.sample_grid.sampler.steps=2", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"], tmp_path)
     train(cfg)
     rows = [r for r in read_metrics(tmp_path) if r.get("lr-AdamW")]
-    # step 5: 0.1 s/step, 9.5 s left -> 0.95 * 9.5 / 0.1 = 90 more steps, total 95; re-checked half way each time:
-    # step 50: 5 s left -> 47 more, 97; step 73: 2.7 s -> 25 more, 98; step 85: 1.5 s -> 14 more, 99 (< 20 left: the
-    # last check): the run ends at step 99 of the 100 the budget holds, the schedule decayed to its end there
+    # 8 steps per epoch (64 images, batch 8). step 5: 0.1 s/step, 9.5 s left -> 0.95 * 9.5 / 0.1 = 90 more steps, 95,
+    # down to the epoch end 88; re-checked half way each time: step 46: 5.4 s left -> 51 more, 97 -> 96; step 71:
+    # 2.9 s -> 27 more, 98 -> 96; step 83: 1.7 s -> 16 more, 99 -> 96 (< 20 left: the last check): the run ends at the
+    # end of epoch 11, step 96 of the 100 the budget holds, the schedule decayed to its end there, and validates there
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == 99
+    assert ckpt["global_step"] == 96
     (state,) = [v for k, v in ckpt["callbacks"].items() if "TimeBudget" in k]
-    assert state == {"total_steps": 99, "recheck_at": None}
+    assert state == {"total_steps": 96, "recheck_at": None}
+    assert max(int(r["step"]) for r in read_metrics(tmp_path) if r.get("val/loss")) == 95  # the last step's validation
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["epoch0011_step0000096.png"]  # and its grid
     lr_end = float(rows[-1]["lr-AdamW"])
     assert lr_end == pytest.approx(cfg.optim.optimizer.lr * cfg.optim.lr_scheduler.scheduler.min_lr_ratio, rel=0.05)

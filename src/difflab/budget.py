@@ -4,13 +4,15 @@ Lightning's max_time alone cuts a run wherever the clock runs out, mid-schedule 
 EMA weights far from a decayed model). TimeBudget measures the seconds per step so far (validation, sample grids and
 other callbacks included, as they count against max_time) after ``measure_steps`` steps, and again half way to the
 estimated end each time (until under 20 steps remain), and sets the trainer's max_steps and the schedule's
-total_steps to the steps that fit in ``margin`` of the remaining time: the run reaches the end of its schedule just
-before the budget. Both values travel in checkpoints, so a resumed run keeps them.
+total_steps to the end of the last whole epoch that fits in ``margin`` of the remaining time: the run reaches the end
+of its schedule just before the budget, and ends with a validation epoch (and sample grid). Both values travel in
+checkpoints, so a resumed run keeps them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning as L
@@ -43,6 +45,11 @@ class TimeBudget(L.Callback):
             return
         seconds_per_step = timer.time_elapsed("train") / step
         total = step + max(int(timer.time_remaining("train") * self.margin / seconds_per_step), 1)
+        # the end of the last whole epoch that fits: the run ends with its validation and sample grid (unless the
+        # budget ends inside the current epoch)
+        per_epoch = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 0
+        if per_epoch and total // per_epoch * per_epoch > step:
+            total = total // per_epoch * per_epoch
         # re-checked half way to the end each time (a shared machine's speed drifts), until under 20 steps remain
         self.recheck_at = step + (total - step) // 2 if total - step >= 20 else None
         self.apply(trainer, total)

@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def due_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
-    """Every n-th epoch, and the last one (so a run always ends with an evaluation)."""
-    last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+    """Every n-th epoch, and the last one (so a run always ends with an evaluation): the last of max_epochs, or the
+    epoch that reaches max_steps (a time-budgeted run's, see budget.py)."""
+    last_epoch = (trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1) or (
+        trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
     return (trainer.current_epoch + 1) % every_n_epochs == 0 or last_epoch
 
 
