@@ -138,3 +138,15 @@ def test_cifar10_brings_the_ddpm_network_and_optimizer_unless_overridden(tmp_pat
     assert cfg.optim.optimizer.lr == 2e-4 and cfg.optim.lr_scheduler.scheduler.warmup_steps == 5000
     cfg = compose_cfg(["data=cifar10", "model=unet_tiny", "optim=cosine"], tmp_path)
     assert cfg.model.base_channels == 16 and cfg.optim.optimizer.lr == 1e-3
+
+
+def test_sampling_defaults_agree_between_sample_evaluate_and_the_callbacks(tmp_path):
+    """One set of default sampling settings: sample.py, evaluate.py and the training-time grids and quality scores
+    sample alike unless told otherwise (the numbers in the README are made with them)."""
+    keys = ("guidance", "guidance_interval", "guidance_rescale")
+    sample, evaluate = (compose_cfg([], tmp_path, config_name=name) for name in ("sample", "evaluate"))
+    train = compose_cfg(["callbacks=[default,sample_quality]"], tmp_path)
+    found = [{k: c.get(k) for k in keys} | {"sampler": c.sampler}
+             for c in (sample, evaluate, train.callbacks.sample_grid, train.callbacks.sample_quality)]
+    assert all(f == found[0] for f in found), found
+    assert sample.palette == evaluate.palette and sample.palette_colors == evaluate.palette_colors

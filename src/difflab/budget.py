@@ -3,7 +3,7 @@
 Lightning's max_time alone cuts a run wherever the clock runs out, mid-schedule (the learning rate still high, the
 EMA weights far from a decayed model). TimeBudget measures the seconds per step so far (validation, sample grids and
 other callbacks included, as they count against max_time) after ``measure_steps`` steps, and again half way to the
-estimated end each time (until under 20 steps remain), and sets the trainer's max_steps and the schedule's
+estimated end each time (until under 20 steps or two epochs remain), and sets the trainer's max_steps and the schedule's
 total_steps to the end of the last whole epoch that fits in ``margin`` of the remaining time: the run reaches the end
 of its schedule just before the budget, and ends with a validation epoch (and sample grid). Both values travel in
 checkpoints, so a resumed run keeps them.
@@ -50,8 +50,10 @@ class TimeBudget(L.Callback):
         per_epoch = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 0
         if per_epoch and total // per_epoch * per_epoch > step:
             total = total // per_epoch * per_epoch
-        # re-checked half way to the end each time (a shared machine's speed drifts), until under 20 steps remain
-        self.recheck_at = step + (total - step) // 2 if total - step >= 20 else None
+        # re-checked half way to the end each time (a shared machine's speed drifts), until under 20 steps or two epochs
+        # remain: a late re-check that found a few seconds more would move the end past an epoch boundary, and the
+        # next one, after that epoch's validation, back inside the epoch
+        self.recheck_at = step + (total - step) // 2 if total - step >= max(20, 2 * per_epoch) else None
         self.apply(trainer, total)
         log.info(f"time budget: {seconds_per_step:.3f} s/step so far, so the run ends at step {total} "
                  f"(the LR schedule's last step; {timer.time_remaining('train') / 60:.1f} min left)")
