@@ -45,6 +45,7 @@ def test_sample_writes_grid_gifs_npz_and_meta(trained, tmp_path):
     assert Image.open(folder / "x0_chain.gif").n_frames == 10
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["steps"] == 10 and meta["rows"] == ["hero", "food"] and meta["seconds"] > 0
+    assert meta["palette"] == "sprite" and meta["palette_colors"] == 16  # palette=auto on pixel art
     assert "img/s" in result.stdout and str(folder / "grid.png") in result.stdout
 
 
@@ -159,3 +160,11 @@ def test_missing_pretrained_model_says_how_to_restore_it(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "PRETRAINED", tmp_path / "nowhere.ckpt")
     with pytest.raises(checkpoint.CheckpointError, match="git checkout data/pretrained"):
         checkpoint.resolve_checkpoint("pretrained", tmp_path)
+
+
+def test_palette_auto_snaps_pixel_art_only(tmp_path):
+    from difflab.sampling import resolve_palette
+
+    sprites, cifar = (compose_cfg([f"data={d}"], tmp_path).data for d in ("sprites", "cifar10"))
+    assert resolve_palette("auto", sprites) == "sprite" and resolve_palette("auto", cifar) is None
+    assert resolve_palette(None, sprites) is None and resolve_palette("data", cifar) == "data"

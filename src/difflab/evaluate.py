@@ -38,6 +38,7 @@ from difflab.sampling import (
     inference_dtype,
     inference_net,
     output_stage,
+    resolve_palette,
 )
 from difflab.validate import check_sampling, check_trainer_config
 
@@ -116,12 +117,12 @@ def sampler_name(cfg: DictConfig) -> str:
     return str(cfg.sampler._target_).rsplit(".", 1)[-1].replace("Sampler", "").lower()
 
 
-def run_key(ckpt_path: Path, cfg: DictConfig, sampler_cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
+def run_key(ckpt_path: Path, cfg: DictConfig, sampler_cfg: DictConfig, data_cfg: dict[str, Any], palette: str | None) -> str:
     """Everything that decides the numbers: equal keys give equal results (the sweep reuses them)."""
     parts = {"ckpt": str(ckpt_path.resolve()), "mtime": ckpt_path.stat().st_mtime, "ema": cfg.ema,
              "sampler": OmegaConf.to_container(sampler_cfg, resolve=True), "n": cfg.n, "seed": cfg.seed,
              "batch_size": cfg.batch_size, "guidance": cfg.guidance, "guidance_interval": cfg.get("guidance_interval"),
-             "guidance_rescale": cfg.get("guidance_rescale"), "palette": [cfg.get("palette"), cfg.get("palette_colors")], "metrics": to_container(cfg.metrics), "data": data_cfg,
+             "guidance_rescale": cfg.get("guidance_rescale"), "palette": [palette, cfg.get("palette_colors") if palette else None], "metrics": to_container(cfg.metrics), "data": data_cfg,
              "precision": str(cfg.precision)}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -182,7 +183,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = to_container(cfg.data) if cfg.get("data") else dict(ckpt["difflab_config"]["data"])
     sampler_cfg = effective_sampler(cfg.sampler, cfg.get("steps"))
     out_dir = Path(cfg.paths.output_dir)
-    key = run_key(ckpt_path, cfg, sampler_cfg, data_cfg)
+    palette = resolve_palette(cfg.get("palette"), data_cfg)
+    key = run_key(ckpt_path, cfg, sampler_cfg, data_cfg, palette)
     name = sampler_name(cfg)
 
     previous = find_reusable(key, sweep_dir(), out_dir)
@@ -200,7 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     k = getattr(net, "num_classes", 0)
     plan = class_plan(cfg.n, cfg.batch_size, cfg.seed, k, guidance_of(cfg), data_cfg, datamodule, cfg.precision,
                       objective=objective_of(ckpt),
-                      post=output_stage(cfg.get("palette"), cfg.get("palette_colors", 16), datamodule.train_set.tensors[0]))
+                      post=output_stage(palette, cfg.get("palette_colors", 16), datamodule.train_set.tensors[0]))
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(ckpt, cfg, datamodule), conditional=k > 0)
 
@@ -215,7 +217,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     row: dict[str, Any] = {
         "sampler": name, "steps": n_steps, "steps_requested": cfg.get("steps"), "n": cfg.n, "guidance": cfg.guidance,
         "guidance_interval": str(plan.guidance.interval or ""), "guidance_rescale": plan.guidance.rescale,
-        "palette": f"{cfg.palette}:{cfg.get('palette_colors', 16)}" if cfg.get("palette") else "",
+        "palette": f"{palette}:{cfg.get('palette_colors', 16)}" if palette else "",
         "seed": cfg.seed, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(ckpt_path),
         "precision": str(next(module.net.parameters()).dtype).removeprefix("torch."),
         "schedule": type(schedule).__name__.removesuffix("Schedule").lower(), "timesteps": schedule.timesteps,

@@ -27,6 +27,7 @@ from difflab.sampling import (
     inference_dtype,
     inference_net,
     output_stage,
+    resolve_palette,
 )
 from difflab.validate import check_sampling, integer
 
@@ -148,8 +149,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
     guidance = guidance_of(cfg)
-    stage = output_stage(cfg.get("palette"), cfg.get("palette_colors", 16),
-                         training_images(ckpt) if cfg.get("palette") == "data" else None)
+    palette = resolve_palette(cfg.get("palette"), ckpt["difflab_config"].get("data"))
+    stage = output_stage(palette, cfg.get("palette_colors", 16), training_images(ckpt) if palette == "data" else None)
     sampler_cfg = effective_sampler(cfg.sampler, cfg.steps)
     sampler = instantiate(sampler_cfg)
     n_steps = len(sampler.timesteps(schedule.timesteps))
@@ -184,8 +185,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     meta = {
         "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
         "seed": cfg.seed, "guidance": cfg.guidance, "guidance_interval": guidance.interval,
-        "guidance_rescale": guidance.rescale, "palette": cfg.get("palette"),
-        "palette_colors": cfg.get("palette_colors") if cfg.get("palette") else None, "rows": captions, "ema": cfg.ema, "device": str(device),
+        "guidance_rescale": guidance.rescale, "palette": palette,
+        "palette_colors": cfg.get("palette_colors") if palette else None, "rows": captions, "ema": cfg.ema, "device": str(device),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),
     }

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import get_class
 from torch import Tensor, nn
 
 from difflab.config import cpu_has_bf16
@@ -72,11 +73,20 @@ def guidance_of(cfg: Mapping[str, Any]) -> Guidance:
 
 def check_output_stage(palette: str | None, colors: int = 16) -> None:
     """The palette= / palette_colors= keys, as typed."""
-    if palette is None:
+    if palette is None or palette == "auto":
         return
     if palette not in PALETTES:
-        raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)} (or null for the raw samples)")
+        raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)}, auto (sprite for pixel art) or null (the raw samples)")
     integer("palette_colors", colors, 2, " (real sprites use about 8)")
+
+
+def resolve_palette(palette: str | None, data_cfg: Mapping[str, Any] | None) -> str | None:
+    """palette=auto (the default): sprite for a data set of pixel art (its DataModule says pixel_art = True: the
+    sprites), null (the raw samples) for photographs such as CIFAR-10; any other value as given."""
+    if palette != "auto":
+        return palette
+    target = (data_cfg or {}).get("_target_")
+    return "sprite" if target and getattr(get_class(target), "pixel_art", False) else None
 
 
 def output_stage(palette: str | None, colors: int = 16, data_images: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:

@@ -73,6 +73,8 @@ def _read(path: Path, key: str, required: bool = True) -> np.ndarray | None:
 
 
 class SpritesDataModule(ArrayDataModule):
+    pixel_art = True  # few flat colours: sample.py / evaluate.py snap samples to a palette by default (palette=auto)
+
     def __init__(self, path: str, labels_path: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.path = path
