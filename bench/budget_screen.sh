@@ -10,7 +10,7 @@ OLD="objective=eps data.balanced=false model.scale_shift=false model.dropout=0.1
 job() {
   name=$1; shift
   python train.py experiment=sprites_20min "$@" hydra.run.dir="logs/screen/$name"
-  python evaluate.py -m ckpt="logs/screen/$name" n=1000 guidance=0,2 hydra.sweep.dir="logs/screen_eval/$name"
+  python evaluate.py -m ckpt="logs/screen/$name" n=1000 guidance=0,2 palette=null hydra.sweep.dir="logs/screen_eval/$name"
 }
 pair() { job "$1" $2 & job "$3" $4 & wait; }
 pair base "$OLD" bal "$OLD data.balanced=true"
