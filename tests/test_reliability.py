@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def test_signal_saves_the_current_step_and_the_run_continues_by_itself(tmp_path,
     name = signal.Signals(signum).name
     line = [x for x in err.splitlines() if x.startswith(f"stopped by {name}")]
     assert len(line) == 1 and f"hydra.run.dir={run}" in line[0] and "Traceback" not in err
+    assert f"Resume: python train.py {shlex.join(LONG)} hydra.run.dir={run} " in line[0]  # the command that started it
     step = load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
     assert f"at step {step} " in line[0] and step >= 10  # sent after the first epoch's checkpoint (step 10)
     # the same command again (ckpt_path=auto is the default) continues from that step to the end

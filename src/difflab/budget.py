@@ -6,7 +6,8 @@ other callbacks included, as they count against max_time) after ``measure_steps`
 estimated end each time (until under 20 steps or two epochs remain), and sets the trainer's max_steps and the schedule's
 total_steps to the end of the last whole epoch that fits in ``margin`` of the remaining time: the run reaches the end
 of its schedule just before the budget, and ends with a validation epoch (and sample grid). Both values travel in
-checkpoints, so a resumed run keeps them.
+checkpoints; a resumed run keeps them, then measures its own speed again after ``measure_steps`` steps (another
+machine, another thread count, or a new ``trainer.max_time`` fits the rest of the schedule into what is left).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TimeBudget(L.Callback):
         self.margin = margin
         self.total_steps: int | None = None
         self.recheck_at: int | None = None
+        self.start: tuple[int, float] = (0, 0.0)  # (step, seconds of training) when this process began training
 
     @staticmethod
     def timer(trainer: L.Trainer) -> Timer | None:
@@ -36,14 +38,19 @@ class TimeBudget(L.Callback):
         return timer if timer is not None and timer._duration is not None else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.total_steps is not None:  # resumed: the budget was fitted before the interruption
+        timer, step = self.timer(trainer), trainer.global_step
+        self.start = (step, timer.time_elapsed("train") if timer is not None else 0.0)
+        if self.total_steps is not None:  # resumed: the budget fitted before the interruption, until measured again here
             self.apply(trainer, self.total_steps)
+            if step + self.measure_steps < self.total_steps:
+                self.recheck_at = step + self.measure_steps
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         timer, step = self.timer(trainer), trainer.global_step
-        if timer is None or step not in (self.measure_steps, self.recheck_at):
+        if timer is None or step not in (self.measure_steps, self.recheck_at) or step <= self.start[0]:
             return
-        seconds_per_step = timer.time_elapsed("train") / step
+        # this process's own speed: a resumed run may run on another machine or with other threads
+        seconds_per_step = (timer.time_elapsed("train") - self.start[1]) / (step - self.start[0])
         total = step + max(int(timer.time_remaining("train") * self.margin / seconds_per_step), 1)
         # the end of the last whole epoch that fits: the run ends with its validation and sample grid (unless the
         # budget ends inside the current epoch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 from pathlib import Path
 from typing import Any
@@ -129,13 +130,23 @@ class Preemption(L.Callback):
         name = signal.Signals(signum).name
         run_dir = Path(trainer.default_root_dir)
         message = (f"stopped by {name} at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
-                   f"Resume: python train.py hydra.run.dir={run_dir} (ckpt_path=auto, the default, continues it) "
+                   f"Resume: python train.py {resume_command(run_dir)} (ckpt_path=auto, the default, continues it) "
                    f"or ckpt_path={run_dir}")
         previous = self._previous.get(signum)
         self._restore_handlers()
         if signum == _submitit_signal() and callable(previous):
             previous(signum, None)  # submitit: requeue this job (rank 0 exits here), then it resumes with ckpt_path=auto
         raise Stopped(signum, message)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The overrides that continue this run: the ones it was started with (an experiment's settings are not in the run
+    folder's checkpoint alone) and its folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in task if not o.lstrip("+~").startswith(("hydra.run.dir=", "ckpt_path="))]
+    return " ".join(shlex.quote(o) for o in [*kept, f"hydra.run.dir={run_dir}"])
 
 
 class FinalCheckpoint(L.Callback):
