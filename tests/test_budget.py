@@ -56,7 +56,10 @@ def test_a_resumed_run_fits_the_rest_of_its_schedule_to_its_own_speed(tmp_path, 
     monkeypatch.setattr(TimeBudget.__init__, "__defaults__", (5, 0.95))
     monkeypatch.setattr(TimeBudget, "timer", staticmethod(lambda trainer: FakeClock(trainer)))
     train(compose_cfg([*BUDGETED, "+callbacks.stop._target_=support.StopAfterEpoch", "+callbacks.stop.epoch=4"], tmp_path))
-    state = lambda: next(v for k, v in load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["callbacks"].items() if "TimeBudget" in k)
+
+    def state():
+        return next(v for k, v in load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["callbacks"].items() if "TimeBudget" in k)
+
     assert state() == {"total_steps": 88, "recheck_at": 46}  # fitted at step 5 (as above), stopped at step 40
     # resumed at half the speed: 0.2 s/step from step 40 (4 s spent); at step 45, 5 s left -> 0.95 * 5 / 0.2 = 23 more
     # steps, 68, down to the epoch end 64 (under 20 steps left: no re-check). Kept at 88, the run would overrun by 3.6 s
