@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's screening table (Results, "At a 20-minute budget"): recipes trained two at a time, one thread each
 # (OMP_NUM_THREADS=1), 20 minutes of wall time each (experiment=sprites_20min), then scored by evaluate.py with
-# n=1000, DDIM-25, guidance 0 and 2. Pairs share the machine alike, so a pair compares at equal wall time; a run
+# n=1000, DDIM-25, guidance 0 and 2, raw samples. Pairs share the machine alike, so a pair compares at equal wall time; a run
 # gets about 70% of the steps it would get alone on both cores. Every run spells out the settings that changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ OLD="objective=eps data.balanced=false model.scale_shift=false model.dropout=0.1
 job() {
   name=$1; shift
   python train.py experiment=sprites_20min "$@" hydra.run.dir="logs/screen/$name"
-  python evaluate.py -m ckpt="logs/screen/$name" n=1000 guidance=0,2 palette=null hydra.sweep.dir="logs/screen_eval/$name"
+  python evaluate.py -m ckpt="logs/screen/$name" n=1000 sampler=ddim guidance=0,2 palette=null hydra.sweep.dir="logs/screen_eval/$name"
 }
 pair() { job "$1" $2 & job "$3" $4 & wait; }
 pair base "$OLD" bal "$OLD data.balanced=true"

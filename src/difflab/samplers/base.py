@@ -30,8 +30,7 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     trailing: round(T - k T/steps) - 1, starts at T-1 (Lin et al. 2023, "Common diffusion noise
     schedules and sample steps are flawed"); leading: k (T // steps); linspace: linspace(0, T-1).
     """
-    if not 1 <= steps <= T:
-        raise ConfigError(f"steps must be in [1, T={T}], got {steps}")
+    check_steps(T, steps)
     if spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     elif spacing == "leading":
@@ -41,6 +40,11 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     else:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
     return [int(t) for t in ts]
+
+
+def check_steps(T: int, steps: int) -> None:
+    if not 1 <= steps <= T:
+        raise ConfigError(f"steps must be in [1, T={T}], got {steps}")
 
 
 def check_settings(steps: int | None = None, spacing: str | None = None, eta: float | None = None) -> None:

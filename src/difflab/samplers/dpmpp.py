@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.samplers.base import Noise, Sampler, alpha_bar, check_settings, spaced_timesteps
+from difflab.samplers.base import Noise, Sampler, alpha_bar, check_settings, check_steps, spaced_timesteps
 from difflab.schedules import NoiseSchedule
 
 
@@ -23,6 +23,7 @@ class DPMSolverPP2MSampler(Sampler):
         self._last: tuple[Tensor, Tensor] | None = None  # (x0, lambda) of the previous step
 
     def timesteps(self, T: int) -> list[int]:
+        check_steps(T, self.steps)  # as typed: the linspace points below are one more
         if self.spacing == "linspace":
             # steps + 1 points from T-1 down to 0, the final 0 replaced by the clean image (diffusers' default)
             ts = spaced_timesteps(T, self.steps + 1, "linspace")[:-1]
