@@ -90,7 +90,7 @@ CASES = [
     ("sample.py", ["ckpt={ckpt}", "n=-3"], "n=-3: must be an integer >= 1"),
     ("sample.py", ["ckpt={ckpt}", "batch_size=0"], "batch_size=0: must be an integer >= 1"),
     ("sample.py", ["ckpt={ckpt}", "steps=0"], "steps=0: must be an integer >= 1"),
-    ("sample.py", ["ckpt={ckpt}", "steps=5000"], "steps must be in [1, T=100], got 5000"),
+    ("sample.py", ["ckpt={ckpt}", "steps=5000"], "steps must be in [1, T-1=99], got 5000"),
     ("sample.py", ["ckpt={ckpt}", "sampler=ddim", "steps=5000"], "steps must be in [1, T=100], got 5000"),
     ("sample.py", ["ckpt={ckpt}", "sampler=dpmpp", "steps=-4"], "steps=-4: must be an integer >= 1"),
     ("sample.py", ["ckpt={ckpt}", "guidance=nan"], "guidance=nan: must be a finite number"),

@@ -118,6 +118,17 @@ def test_spaced_timesteps_bad_input() -> None:
         spaced_timesteps(100, 0)
 
 
+def test_dpmpp_linspace_takes_at_most_t_minus_1_steps_and_names_the_steps_typed() -> None:
+    from difflab.samplers import DPMSolverPP2MSampler
+
+    assert DPMSolverPP2MSampler(steps=99).timesteps(100) == list(range(99, 0, -1))  # every t but 0 (the clean image)
+    for steps in (100, 5000):
+        with pytest.raises(ValueError, match=rf"steps must be in \[1, T-1=99\], got {steps}$"):
+            DPMSolverPP2MSampler(steps=steps).timesteps(100)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, T=100\], got 101"):
+        DPMSolverPP2MSampler(steps=101, spacing="trailing").timesteps(100)
+
+
 def test_ddpm_sampler_rejects_unknown_variance() -> None:
     with pytest.raises(ValueError, match=r"unknown DDPM variance 'learned'"):
         DDPMSampler(variance="learned")

@@ -42,9 +42,11 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     return [int(t) for t in ts]
 
 
-def check_steps(T: int, steps: int) -> None:
-    if not 1 <= steps <= T:
-        raise ConfigError(f"steps must be in [1, T={T}], got {steps}")
+def check_steps(T: int, steps: int, reserved: int = 0) -> None:
+    """1 <= steps <= T - reserved: a sampler that spends ``reserved`` of the T timesteps elsewhere allows fewer."""
+    most = T - reserved
+    if not 1 <= steps <= most:
+        raise ConfigError(f"steps must be in [1, T{f'-{reserved}' if reserved else ''}={most}], got {steps}")
 
 
 def check_settings(steps: int | None = None, spacing: str | None = None, eta: float | None = None) -> None:

@@ -23,9 +23,10 @@ class DPMSolverPP2MSampler(Sampler):
         self._last: tuple[Tensor, Tensor] | None = None  # (x0, lambda) of the previous step
 
     def timesteps(self, T: int) -> list[int]:
-        check_steps(T, self.steps)  # as typed: the linspace points below are one more
         if self.spacing == "linspace":
-            # steps + 1 points from T-1 down to 0, the final 0 replaced by the clean image (diffusers' default)
+            # steps + 1 points from T-1 down to 0, the final 0 replaced by the clean image (diffusers' default): the
+            # steps as typed are checked here, as the points are one more and t=0 is one of the T timesteps
+            check_steps(T, self.steps, reserved=1)
             ts = spaced_timesteps(T, self.steps + 1, "linspace")[:-1]
             return sorted(set(ts), reverse=True)
         return spaced_timesteps(T, self.steps, self.spacing)
