@@ -164,7 +164,7 @@ def nearest_train(images: Tensor, train_images: Tensor, chunk: int = 4096) -> tu
             best = torch.where(better, val, best)
             arg = torch.where(better, idx + start + (n_train if mirrored else 0), arg)
     # the distance to the chosen neighbour, exactly: copies come out as 0, not as the rounding error above
-    ref = train_images[arg % n_train].to(x.device)
+    ref = train_images[(arg % n_train).to(train_images.device)].to(x.device)  # the images may stay on the CPU
     ref = torch.where((arg >= n_train)[:, None, None, None], ref.flip(-1), ref).flatten(1).float() / 255
     return (x - ref).square().mean(1).sqrt(), arg
 
