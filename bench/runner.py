@@ -8,8 +8,9 @@
     ArrayDataModule, so batching, the [-1, 1] scaling, the flips and the per-step seeding are the real ones.
     ``StepTimer`` times each optimizer step, from on_train_batch_start to on_train_batch_end (forward, loss,
     backward, clipping, AdamW step, LR schedule, EMA update), synchronising CUDA.
-(b) Sampling: ``difflab.sampling.generate`` with ``DDIMSampler(steps=25, eta=0)`` in the inference precision
-    ``32`` or ``bf16`` (a bf16 copy of the weights, made once before the timed runs).
+(b) Sampling: ``difflab.sampling.generate`` on the module's DiffusionModel (its objective's conversion to eps
+    included) with a SamplingSpec of ``DDIMSampler(steps=25, eta=0)``, in the inference precision ``32`` or ``bf16``
+    (a bf16 copy of the weights, made once before the timed runs) and without the output stage.
 
 A peer network enters through ``cfg.model``: its ``_target_`` is bench/peers.py's ``build_peer``, which wraps it
 in ``PeerAdapter`` (difflab's net interface); everything else, optimizer and LR schedule included, is the same
@@ -96,7 +97,7 @@ def model_specs() -> dict[str, ModelSpec]:
 @dataclass(frozen=True)
 class Variant:
     overrides: tuple[str, ...] = ()  # train config overrides (trainer.precision=..., module.compile=true, ...)
-    sample_precision: str = "32"  # generate(precision=...): 32 | bf16 | auto
+    sample_precision: str = "32"  # SamplingSpec(precision=...): 32 | bf16 | auto
 
 
 FP32, BF16 = ("trainer.precision=32",), ("trainer.precision=bf16-mixed",)
@@ -298,40 +299,42 @@ class Runner:
         }
 
     # (b) sampling -----------------------------------------------------------------------------------
-    def sample(self, n: int, steps: int, precision: str | None = None, seed: int = 0, guidance: float = 0.0,
-               net: torch.nn.Module | None = None):
-        """difflab.sampling.generate with DDIMSampler(steps, eta 0) for n images in one batch (random one-hot
-        contexts for a conditional network)."""
-        from difflab.samplers import DDIMSampler
+    def sampling_spec(self, steps: int, precision: str | None = None, seed: int = 0, guidance: float = 0.0, batch_size: int = 256):
+        """What a user asks sample.py for, with DDIM(steps, eta 0) and without the output stage (the same PIL step for
+        every network: it would dilute the ratios)."""
+        from difflab.sampling import SamplingSpec
+
+        sampler = {"_target_": "difflab.samplers.DDIMSampler", "steps": steps, "eta": 0.0}
+        return SamplingSpec(sampler, guidance=guidance, precision=precision or self.variant.sample_precision, palette=None, seed=seed,
+                            batch_size=batch_size)
+
+    def sample(self, n: int, steps: int, precision: str | None = None, seed: int = 0, guidance: float = 0.0, model=None):
+        """difflab.sampling.generate on the module's DiffusionModel (its objective included) for n images in one batch
+        (random one-hot contexts for a conditional network)."""
         from difflab.sampling import generate
 
-        precision = precision or self.variant.sample_precision
         self.module.to(self.device)
-        net = net if net is not None else self.net
-        k = getattr(net, "num_classes", 0)
+        model = model if model is not None else self.module.model
+        k = model.num_classes
         g = torch.Generator().manual_seed(1)
         contexts = F.one_hot(torch.randint(0, k, (n,), generator=g), k).float() if k else None
-        shape = (net.in_channels, net.image_size, net.image_size)
-        return generate(net, self.module.schedule, DDIMSampler(steps=steps, eta=0.0), n, contexts, guidance, seed,
-                        batch_size=n, precision=precision, shape=shape)
+        return generate(model, self.sampling_spec(steps, precision, seed, guidance, batch_size=n), contexts, n)
 
     def time_sampling(self, rc: RunConfig) -> dict[str, Any]:
-        from difflab.sampling import inference_dtype, inference_net
-
         precision = self.variant.sample_precision
         self.module.to(self.device)
         # generate would copy the weights to bf16 at every call; sample.py makes the copy once, so does this
-        net = inference_net(self.net, precision, self.device)
+        dtype = self.sampling_spec(DDIM_STEPS, precision).dtype(self.device)
+        model = self.module.model.for_inference(dtype)
         for _ in range(rc.sample_warmup):
-            self.sample(rc.sample_n, rc.sample_warmup_steps, precision, guidance=rc.guidance, net=net)
+            self.sample(rc.sample_n, rc.sample_warmup_steps, precision, guidance=rc.guidance, model=model)
         run_s = []
         for i in range(rc.sample_repeats):
             sync(self.device)
             t0 = time.perf_counter()
-            out = self.sample(rc.sample_n, DDIM_STEPS, precision, seed=i, guidance=rc.guidance, net=net)
+            out = self.sample(rc.sample_n, DDIM_STEPS, precision, seed=i, guidance=rc.guidance, model=model)
             sync(self.device)
             run_s.append(time.perf_counter() - t0)
-        dtype = inference_dtype(precision, self.device)
         return {
             "n": rc.sample_n,
             "steps": DDIM_STEPS,
@@ -343,7 +346,8 @@ class Runner:
             "repeats": rc.sample_repeats,
             "run_s": run_s,
             "img_s": summarize([rc.sample_n / s for s in run_s]),
-            "loop": "difflab.sampling.generate + DDIMSampler(steps=25, eta=0)",
+            "loop": "difflab.sampling.generate(model, SamplingSpec(DDIMSampler(steps=25, eta=0), palette=None))",
+            "objective": repr(self.module.model.objective),
             "images_finite": bool(torch.isfinite(out.images).all()),
         }
 

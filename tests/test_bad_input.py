@@ -78,7 +78,7 @@ CASES = [
     ("train.py", ["optim.optimizer.lr=-1"], "optim.optimizer.lr=-1: must be a finite number > 0"),
     ("train.py", ["optim.optimizer.lr=nan"], "optim.optimizer.lr=nan: must be a finite number > 0"),
     ("train.py", ["seed=-1"], "seed=-1: must be an integer >= 0"),
-    ("train.py", ["sampler@callbacks.sample_grid.sampler=ddim", "callbacks.sample_grid.sampler.eta=2"],
+    ("train.py", ["sampler@callbacks.sample_grid.sampling.sampler=ddim", "callbacks.sample_grid.sampling.sampler.eta=2"],
      "sampler.eta=2: must be a finite number in [0, 1]"),
     ("train.py", ["ckpt_path=/nowhere/last.ckpt"], "checkpoint not found: /nowhere/last.ckpt"),
     ("train.py", ["ckpt_path={notckpt}"], "is not a readable checkpoint of this project"),
@@ -183,3 +183,38 @@ def test_a_real_process_prints_one_line_and_exits_2(files, tmp_path, script, arg
 def test_hydra_full_error_shows_the_trace(files, tmp_path):
     result = run_script("sample.py", f"ckpt={files['ckpt']}", "n=0", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr and "n=0: must be an integer >= 1" in result.stderr
+
+
+# a bad value of the sampling request: one message, from the spec itself, whichever entry point builds it
+SPEC_CASES = [
+    ("guidance", "nan", "guidance=nan: must be a finite number"),
+    ("guidance_rescale", "2", "guidance_rescale=2: must be a finite number in [0, 1]"),
+    ("guidance_interval", "[5,1]", "guidance_interval=[5, 1]: give [sigma_lo, sigma_hi] with 0 <= lo < hi"),
+    ("precision", "fp8", "precision=fp8: choose one of auto, 32, bf16"),
+    ("palette", "gold", "palette=gold: choose one of sprite, data"),
+    ("palette_colors", "1", "palette_colors=1: must be an integer >= 2"),
+    ("batch_size", "0", "batch_size=0: must be an integer >= 1"),
+    ("steps", "0", "steps=0: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", SPEC_CASES, ids=[f"{k}={v}" for k, v, _ in SPEC_CASES])
+def test_a_bad_sampling_value_gives_the_same_line_from_every_entry_point(files, tmp_path, capsys, monkeypatch, key, value, expected):
+    from difflab.errors import ConfigError
+    from difflab.sampling import SamplingSpec
+
+    runs = {
+        "sample.py": [f"ckpt={files['ckpt']}", f"{key}={value}"],
+        "evaluate.py": [f"ckpt={files['ckpt']}", f"{key}={value}"],
+        "train.py": [*TINY[:3], f"callbacks.sample_grid.sampling.{key}={value}"],
+    }
+    before = protected(files)
+    for script, args in runs.items():
+        code, out, err = run_in_process(script, [*args, f"hydra.run.dir={tmp_path / script}"], capsys, monkeypatch)
+        check_one_line(code, out, err, expected)
+    assert protected(files) == before
+    # and the spec built in code says the same, as a ConfigError
+    typed = compose_cfg([f"{key}={value}"], tmp_path, "sample")[key]
+    with pytest.raises(ConfigError) as raised:
+        SamplingSpec({"_target_": "difflab.samplers.DDIMSampler"}, **{key: typed})
+    assert expected in str(raised.value)

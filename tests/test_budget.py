@@ -29,7 +29,7 @@ class FakeClock:
 BUDGETED = ["model=unet_tiny", "timesteps=50", "data.batch_size=8", "data.limit=64", "trainer.max_epochs=-1",
             "trainer.max_time=00:01:00:00", "trainer.log_every_n_steps=1", "optim.lr_scheduler.scheduler.warmup_steps=2",
             "callbacks.sample_grid.every_n_epochs=1000", "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.chain=false",
-            "callbacks.sample_grid.sampler.steps=2", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
+            "callbacks.sample_grid.sampling.steps=2", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
 
 
 def test_the_run_ends_at_the_end_of_its_schedule_inside_the_budget(tmp_path, monkeypatch) -> None:

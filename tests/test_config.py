@@ -141,12 +141,21 @@ def test_cifar10_brings_the_ddpm_network_and_optimizer_unless_overridden(tmp_pat
 
 
 def test_sampling_defaults_agree_between_sample_evaluate_and_the_callbacks(tmp_path):
-    """One set of default sampling settings: sample.py, evaluate.py and the training-time grids and quality scores
-    sample alike unless told otherwise (the numbers in the README are made with them)."""
-    keys = ("guidance", "guidance_interval", "guidance_rescale")
+    """One sampling request by default (conf/sampling/default.yaml): sample.py, evaluate.py and the training-time grids and
+    quality scores sample alike unless told otherwise (the numbers in the README are made with it)."""
+    from difflab.sampling import SamplingSpec
+
     sample, evaluate = (compose_cfg([], tmp_path, config_name=name) for name in ("sample", "evaluate"))
     train = compose_cfg(["callbacks=[default,sample_quality]"], tmp_path)
-    found = [{k: c.get(k) for k in keys} | {"sampler": c.sampler}
-             for c in (sample, evaluate, train.callbacks.sample_grid, train.callbacks.sample_quality)]
+    nodes = (sample, evaluate, train.callbacks.sample_grid.sampling, train.callbacks.sample_quality.sampling)
+    found = [{k: c[k] for k in SamplingSpec.FIELDS if k != "batch_size"} for c in nodes]
     assert all(f == found[0] for f in found), found
-    assert sample.palette == evaluate.palette and sample.palette_colors == evaluate.palette_colors
+    assert [c.batch_size for c in nodes] == [256, 256, 256, 128]  # 128: the callback's 256 samples in two chunks (two DDP ranks)
+    assert found[0]["sampler"]["_target_"] == "difflab.samplers.DPMSolverPP2MSampler" and found[0]["guidance"] == 2.0
+
+
+def test_a_sampling_value_may_interpolate_the_entry_points_config(tmp_path):
+    from difflab.sampling import SamplingSpec
+
+    spec = SamplingSpec.from_config(compose_cfg(["n=5", "batch_size=${n}", "sampler=ddim", "steps=7"], tmp_path, config_name="sample"))
+    assert spec.batch_size == 5 and spec.sampler.steps == 7 and spec.sampler.name == "ddim"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from difflab.diffusion import predict_eps_from_x0, predict_x0_from_eps, q_posterior, q_sample, sample_timesteps
-from difflab.objectives import Objective
+from difflab.objectives import EpsPrediction
 from difflab.schedules import CosineSchedule, LinearSchedule, NoiseSchedule
 
 
@@ -145,7 +145,7 @@ def test_eps_objective_loss_zero_network_is_mean_noise_square() -> None:
     # rows with different noise scales, so a batch mean would not pass
     noise = torch.randn((3, 2, 4, 4), generator=g) * torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1, 1)
     t = torch.tensor([0, 50, 99])
-    loss = Objective().loss(lambda x, t: torch.zeros_like(x), s, x0, t, noise)
+    loss = EpsPrediction().loss(lambda x, t: torch.zeros_like(x), s, x0, t, noise)
     assert loss.shape == (3,)
     expected = [(noise[i] ** 2).sum().item() / 32 for i in range(3)]
     assert loss.tolist() == pytest.approx(expected, rel=1e-6)
@@ -162,7 +162,7 @@ def test_eps_objective_loss_feeds_x_t_t_and_kwargs_to_net() -> None:
         seen.update(x=x, t=t_, context=context)
         return x  # eps_theta = x_t
 
-    loss = Objective().loss(net, s, x0, t, noise, context="ctx")
+    loss = EpsPrediction().loss(net, s, x0, t, noise, context="ctx")
     assert torch.equal(seen["t"], t) and seen["context"] == "ctx"
     # row 0: t=1, x_t = sqrt(0.979902) 0.5 + sqrt(0.020098) 2 ; row 1: t=0, x_t = sqrt(0.9999) 0.5 + 0.01 2
     x_t = [math.sqrt(0.979902) * 0.5 + math.sqrt(0.020098) * 2, math.sqrt(0.9999) * 0.5 + 0.01 * 2]
@@ -176,9 +176,9 @@ def test_eps_objective_loss_perfect_network_is_zero_and_differentiable() -> None
     x0 = torch.rand((2, 1, 4, 4), generator=g) * 2 - 1
     noise = torch.randn((2, 1, 4, 4), generator=g)
     w = torch.tensor(1.0, requires_grad=True)
-    loss = Objective().loss(lambda x, t: w * noise, s, x0, torch.tensor([3, 40]), noise)
+    loss = EpsPrediction().loss(lambda x, t: w * noise, s, x0, torch.tensor([3, 40]), noise)
     assert loss.abs().max().item() == 0.0
-    (Objective().loss(lambda x, t: w * 0.5 * noise, s, x0, torch.tensor([3, 40]), noise).sum()).backward()
+    (EpsPrediction().loss(lambda x, t: w * 0.5 * noise, s, x0, torch.tensor([3, 40]), noise).sum()).backward()
     # d/dw mean((w n/2 - n)^2) at w=1 = mean(2 (n/2 - n) n/2) = -mean(n^2)/2 per row
     expected = -sum((noise[i] ** 2).mean().item() / 2 for i in range(2))
     assert w.grad.item() == pytest.approx(expected, rel=1e-5)

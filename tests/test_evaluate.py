@@ -31,7 +31,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     module = build_module(cfg)
     ckpt = out / "tiny.ckpt"
     identity = {**instantiate(cfg.data).identity(), "choice": "sprites"}  # what train.py saves
-    torch.save({"state_dict": module.state_dict(), "difflab_config": module.run_config, "class_names": module.class_names,
+    torch.save({"state_dict": module.state_dict(), "difflab_config": module.model.config, "class_names": module.model.class_names,
                 "difflab_data": identity}, ckpt)
     torch.manual_seed(0)
     clf = save_classifier(out / "clf.ckpt", SmallCNN(6, channels=(8, 16)), CLASSES, 16, {}, {"val_accuracy": 0.0})
@@ -137,18 +137,28 @@ def test_two_process_ddp_gives_the_single_process_values(tiny, tmp_path):
     assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
 
 
-def test_training_logs_sample_quality_and_returns_val_fd(tiny, tmp_path):
+def test_training_logs_sample_quality_equal_to_evaluate_py(tiny, tmp_path):
+    """The callback samples and scores as evaluate.py does (output stage included): on the same EMA weights, n, seed and
+    sampling settings, val/fd and the rest equal evaluate.py's figures for the checkpoint the run ends with."""
+    from difflab.evaluate import evaluate
     from difflab.train import train
 
+    scoring = [f"metrics.classifier_ckpt={tiny['classifier']}", f"metrics.cache_dir={tiny['cache']}", "metrics.kid_subsets=5"]
     cfg = compose_cfg(["debug=fast", "model=unet_tiny", "callbacks=[ema,model_checkpoint,sample_quality]", "timesteps=20",
-                       "callbacks.sample_quality.n=16", "callbacks.sample_quality.batch_size=8", "callbacks.sample_quality.sampler.steps=2",
-                       f"callbacks.sample_quality.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.sample_quality.metrics.cache_dir={tiny['cache']}",
-                       "callbacks.sample_quality.metrics.kid_subsets=5", "callbacks.model_checkpoint.monitor=val/fd",
-                       "trainer.enable_progress_bar=false", "optimized_metric=val/fd"], tmp_path)
+                       "callbacks.sample_quality.n=16", "callbacks.sample_quality.sampling.batch_size=8",
+                       "callbacks.sample_quality.sampling.steps=2", *(f"callbacks.sample_quality.{a}" for a in scoring),
+                       "callbacks.model_checkpoint.monitor=val/fd", "trainer.enable_progress_bar=false", "optimized_metric=val/fd"],
+                      tmp_path / "run")
     metrics = train(cfg)
     assert {"val/fd", "val/kid", "val/cond_acc", "val/cond_acc_weighted", "val/colors_median", "val/memorized"} <= set(metrics)
     assert {f"val/cond_acc/{c}" for c in CLASSES} & set(metrics)  # per class, always
-    assert list((tmp_path / "checkpoints").glob("epoch*.ckpt"))  # ModelCheckpoint(monitor=val/fd) saved one
+    assert list((tmp_path / "run" / "checkpoints").glob("epoch*.ckpt"))  # ModelCheckpoint(monitor=val/fd) saved one
+    assert metrics["val/colors_median"] <= 16  # the output stage (palette=auto: sprite) is on, as in evaluate.py
+
+    row = evaluate(compose_cfg([f"ckpt={tmp_path / 'run'}", "n=16", "batch_size=8", "steps=2", "reference=false", *scoring,
+                                "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"], tmp_path / "eval", "evaluate"))
+    for key in ("fd", "kid", "cond_acc", "cond_acc_weighted", "colors_median", "top16_share", "memorized"):
+        assert metrics[f"val/{key}"] == pytest.approx(row[key], rel=1e-6, abs=1e-7), key  # logged as float32
 
 
 @pytest.mark.slow
@@ -156,7 +166,7 @@ def test_optuna_search_runs_two_trials_minimising_val_fd(tiny, tmp_path):
     proc = run_script(
         "train.py", "hparams_search=sprites_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
         "debug=fast", "model=unet_tiny", "trainer.max_epochs=1", "~callbacks.sample_grid",
-        "~callbacks.progress_bar", "callbacks.sample_quality.n=16", "callbacks.sample_quality.batch_size=8", "callbacks.sample_quality.sampler.steps=2",
+        "~callbacks.progress_bar", "callbacks.sample_quality.n=16", "callbacks.sample_quality.sampling.batch_size=8", "callbacks.sample_quality.sampling.steps=2",
         f"callbacks.sample_quality.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.sample_quality.metrics.cache_dir={tiny['cache']}",
         "callbacks.sample_quality.metrics.kid_subsets=5", f"hydra.sweep.dir={tmp_path}", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,7 +30,7 @@ from support import Crash, compose_cfg, read_metrics
 # dropout, EMA, context dropout (p_uncond 0.1), flips and a sample grid every epoch are all on
 RESUMABLE = ["model=unet_tiny", "model.dropout=0.1", "data.limit=48", "data.batch_size=8", "trainer.max_epochs=3",
              "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "callbacks.sample_grid.every_n_epochs=1",
-             "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.sampler.steps=2", "~callbacks.progress_bar",
+             "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.sampling.steps=2", "~callbacks.progress_bar",
              "trainer.enable_progress_bar=false", "timesteps=100", "trainer.precision=32",
              "callbacks.model_checkpoint.every_n_train_steps=3", "+callbacks.draws._target_=support.RecordDraws"]
 
@@ -228,14 +228,17 @@ def test_divergence_exits_3_naming_the_step_and_fixes(tmp_path):
 def test_inf_gradients_under_a_grad_scaler_are_left_to_the_scaler():
     """16-mixed skips steps with inf gradients by design (the scaler lowers its scale): not a divergence.
     Without a scaler the same gradients stop the run."""
+    from functools import partial
     from types import SimpleNamespace
 
+    from difflab.model import DiffusionModel
     from difflab.module import DiffusionModule
     from difflab.nn.unet import UNet
+    from difflab.objectives import EpsPrediction
     from difflab.schedules import LinearSchedule
 
     net = UNet(image_size=8, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), norm_groups=4)
-    module = DiffusionModule(net, LinearSchedule(10), optimizer=torch.optim.SGD)
+    module = DiffusionModule(DiffusionModel(net, LinearSchedule(10), EpsPrediction()), optimizer=partial(torch.optim.SGD, lr=0.1))
     for p in module.parameters():
         p.grad = torch.full_like(p, math.inf)
     clipped = []

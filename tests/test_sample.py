@@ -116,9 +116,10 @@ def test_palette_output_stage_limits_the_colours(trained, tmp_path):
 def test_exported_checkpoint_is_the_ema_weights_in_float16(trained, tmp_path):
     """python -m difflab.export: only the network's EMA weights, rounded to float16; sampling from it equals sampling
     from the training checkpoint with its weights rounded the same way (bit for bit), and init_from= loads it."""
-    from difflab.checkpoint import build_from_checkpoint, check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
+    from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
+    from difflab.model import load_model
     from difflab.samplers import DDIMSampler
-    from difflab.sampling import generate
+    from difflab.sampling import SamplingSpec, generate
 
     out = tmp_path / "shipped.ckpt"
     result = run_script("-m", "difflab.export", str(trained), str(out))
@@ -130,15 +131,17 @@ def test_exported_checkpoint_is_the_ema_weights_in_float16(trained, tmp_path):
     assert all(torch.equal(shipped["state_dict"][f"net.{k}"], v.half()) for k, v in ema.items())
     assert out.stat().st_size < 0.3 * resolve_checkpoint(trained, tmp_path).stat().st_size
 
-    net_a, schedule = build_from_checkpoint(source)
+    model_a = load_model(trained)
     with torch.no_grad():
-        for p in net_a.parameters():
+        for p in model_a.net.parameters():
             p.copy_(p.half().float())
-    net_b, _ = build_from_checkpoint(shipped)
+    model_b = load_model(out)
+    assert model_b.net.training is False and next(model_b.net.parameters()).dtype == torch.float32
     ctx = torch.eye(6)[[0, 2, 4]]
-    a, b = (generate(n, schedule, DDIMSampler(steps=5), 3, ctx, guidance=1.0, seed=1).images for n in (net_a, net_b))
+    spec = SamplingSpec(DDIMSampler(steps=5), guidance=1.0, seed=1, precision="32")
+    a, b = (generate(m, spec, ctx).pixels for m in (model_a, model_b))
     assert torch.equal(a, b)
-    fresh = build_from_checkpoint(source)[0]
+    fresh = load_model(trained).net
     check_compatible(fresh, net_state_dict(shipped), "init_from")  # what train.py does with init_from=
     fresh.load_state_dict(net_state_dict(shipped))
 
@@ -163,11 +166,14 @@ def test_missing_pretrained_model_says_how_to_restore_it(tmp_path, monkeypatch):
 
 
 def test_palette_auto_snaps_pixel_art_only(tmp_path):
-    from difflab.sampling import resolve_palette
+    from difflab.model import DiffusionModel
+    from difflab.samplers import DDIMSampler
+    from difflab.sampling import SamplingSpec
 
-    sprites, cifar = (compose_cfg([f"data={d}"], tmp_path).data for d in ("sprites", "cifar10"))
-    assert resolve_palette("auto", sprites) == "sprite" and resolve_palette("auto", cifar) is None
-    assert resolve_palette(None, sprites) is None and resolve_palette("data", cifar) == "data"
+    sprites, cifar = (DiffusionModel(None, None, None, config={"data": compose_cfg([f"data={d}"], tmp_path).data}) for d in ("sprites", "cifar10"))
+    auto, raw, data = (SamplingSpec(DDIMSampler(2), palette=p) for p in ("auto", None, "data"))
+    assert auto.palette_for(sprites) == "sprite" and auto.palette_for(cifar) is None
+    assert raw.palette_for(sprites) is None and data.palette_for(cifar) == "data"
 
 
 def test_the_shipped_model_samples_every_class_on_a_fresh_clone(tmp_path):

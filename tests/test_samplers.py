@@ -14,8 +14,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from difflab.diffusion import predict_x0_from_eps
+from difflab.guidance import guided_output
 from difflab.nn.unet import UNet
-from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, guided_denoiser, spaced_timesteps
+from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, spaced_timesteps
 from difflab.schedules import CosineSchedule, LinearSchedule, NoiseSchedule
 
 from support import U32, reorder_tol
@@ -463,8 +464,8 @@ def test_guidance_zero_is_conditional_model(cond_net) -> None:
     t = torch.tensor([5, 50, 500])
     ctx = torch.eye(K)[[0, 2, 5]]
     with torch.no_grad():
-        assert torch.equal(guided_denoiser(cond_net, ctx, 0.0)(x, t), cond_net(x, t, ctx))
-        assert torch.equal(guided_denoiser(cond_net, None, 2.0)(x, t), cond_net(x, t, None))
+        assert torch.equal(guided_output(cond_net, ctx, 0.0)(x, t), cond_net(x, t, ctx))
+        assert torch.equal(guided_output(cond_net, None, 2.0)(x, t), cond_net(x, t, None))
 
 
 @pytest.mark.parametrize("w", [1.0, 2.0, 7.5])
@@ -480,7 +481,7 @@ def test_guidance_is_extrapolation_from_null_context(cond_net, w: float) -> None
         assert torch.equal(eps_u, cond_net(x, t, None))  # dropping every row = the null context
         # the guided denoiser evaluates both branches in one batch of 2B rows
         both_c, both_u = cond_net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, ctx]), keep).chunk(2)
-        guided = guided_denoiser(cond_net, ctx, w)(x, t)
+        guided = guided_output(cond_net, ctx, w)(x, t)
     assert (eps_c - eps_u).abs().max() > 1e-2
     # the batch of 2B rows sums in another order than two of B (kernels differ between CPUs): rounding only
     for batched, alone in ((both_c, eps_c), (both_u, eps_u)):
@@ -498,8 +499,8 @@ def test_guidance_with_bf16_weights_returns_float32(cond_net) -> None:
     t = torch.tensor([5, 500])
     ctx = torch.eye(K)[[0, 1]]
     with torch.no_grad():
-        ref = guided_denoiser(cond_net, ctx, 1.0)(x, t)
-        out = guided_denoiser(copy.deepcopy(cond_net).to(torch.bfloat16), ctx, 1.0)(x, t)
+        ref = guided_output(cond_net, ctx, 1.0)(x, t)
+        out = guided_output(copy.deepcopy(cond_net).to(torch.bfloat16), ctx, 1.0)(x, t)
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
@@ -578,8 +579,8 @@ def test_guidance_interval_guides_only_inside_it(cond_net) -> None:
     with torch.no_grad():
         for t in (100, 400, 401, 900):
             tt = torch.full((2,), t)
-            plain, full = guided_denoiser(cond_net, ctx, 0.0)(x, tt), guided_denoiser(cond_net, ctx, 2.0)(x, tt)
-            got = guided_denoiser(cond_net, ctx, 2.0, interval=(150.0, 400.0))(x, tt)
+            plain, full = guided_output(cond_net, ctx, 0.0)(x, tt), guided_output(cond_net, ctx, 2.0)(x, tt)
+            got = guided_output(cond_net, ctx, 2.0, interval=(150.0, 400.0))(x, tt)
             assert torch.equal(got, full if 150 <= t <= 400 else plain), t
 
 
@@ -589,16 +590,16 @@ def test_cfg_rescale_is_diffusers_rescale_noise_cfg(cond_net) -> None:
     x, t = torch.randn(2, 3, 8, 8, generator=gen(4)), torch.tensor([300, 300])
     ctx = torch.eye(K)[[2, 3]]
     with torch.no_grad():
-        eps_c = guided_denoiser(cond_net, ctx, 0.0)(x, t)
-        eps_cfg = guided_denoiser(cond_net, ctx, 3.0)(x, t)
-        got = guided_denoiser(cond_net, ctx, 3.0, rescale=0.7)(x, t)
+        eps_c = guided_output(cond_net, ctx, 0.0)(x, t)
+        eps_cfg = guided_output(cond_net, ctx, 3.0)(x, t)
+        got = guided_output(cond_net, ctx, 3.0, rescale=0.7)(x, t)
     # eps_c here comes from a batch of B, inside the guided call from one of 2B: rounding apart (see above)
     torch.testing.assert_close(got, rescale_noise_cfg(eps_cfg, eps_c, 0.7), rtol=1e-4, atol=1e-5 * float(eps_cfg.abs().max()))
     assert (got - eps_cfg).abs().max() > 1e-3  # it does something
 
 
 def test_guidance_interval_in_sigma_maps_to_timesteps() -> None:
-    from difflab.sampling import Guidance
+    from difflab.guidance import Guidance
     from difflab.schedules import vp_sigmas
 
     s = LinearSchedule(1000)
@@ -606,7 +607,7 @@ def test_guidance_interval_in_sigma_maps_to_timesteps() -> None:
     seen = []
     net = lambda x, t, c, keep: seen.append((float(t[0]), keep is not None)) or torch.zeros_like(x)  # noqa: E731
     net.parameters = lambda: iter([torch.zeros(1)])
-    denoise = Guidance(2.0, (float(sig[200]), float(sig[600]))).denoiser(net, torch.eye(K)[:1], s)
+    denoise = Guidance(2.0, (float(sig[200]), float(sig[600]))).output(net, torch.eye(K)[:1], s)
     for t in (199, 200, 600, 601):
         denoise(torch.zeros(1, 3, 2, 2), torch.full((1,), t))
     assert [guided for _, guided in seen] == [False, True, True, False]

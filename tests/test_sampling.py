@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from difflab.errors import ConfigError
+from difflab.model import DiffusionModel
 from difflab.nn.unet import UNet
+from difflab.objectives import EpsPrediction
 from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, HeunSampler
-from difflab.sampling import ImageNoise, SamplePlan, generate, image_seed, inference_dtype, inference_net, proportional_labels
+from difflab.sampling import ImageNoise, SamplePlan, SamplingSpec, generate, image_seed, proportional_labels
 from difflab.schedules import LinearSchedule
 from difflab.train import build_module
 
@@ -42,7 +44,11 @@ def randomize_zeros(net: torch.nn.Module) -> torch.nn.Module:
 def small():
     net = randomize_zeros(UNet(image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                dropout=0.0, num_classes=K, norm_groups=8))
-    return net.eval(), LinearSchedule(20)
+    return DiffusionModel(net.eval(), LinearSchedule(20), EpsPrediction())
+
+
+def spec(sampler, guidance: float = 0.0, seed: int = 0, batch_size: int = 256, precision: str = "32") -> SamplingSpec:
+    return SamplingSpec(sampler, guidance=guidance, seed=seed, batch_size=batch_size, precision=precision, palette=None)
 
 
 def test_image_noise_rows_are_their_own_generators() -> None:
@@ -60,71 +66,68 @@ def test_image_noise_rows_are_their_own_generators() -> None:
 def test_image_i_depends_on_seed_and_index_not_batching(small, name) -> None:
     """n=8 in batches of 3 vs one batch of 8 vs images 5..7 alone: the same noise per image, so the same images up to
     the rounding of batched kernels (the network sums in a batch-dependent order); other seeds give other images."""
-    net, s = small
     ctx = torch.eye(K)[torch.arange(8) % K]
     make = SAMPLERS[name][1]
-    a = generate(net, s, make(), 8, ctx, 2.0, seed=1, batch_size=3).images
-    b = generate(net, s, make(), 8, ctx, 2.0, seed=1, batch_size=8).images
-    c = generate(net, s, make(), 3, ctx[5:], 2.0, seed=1, index=[5, 6, 7], batch_size=2).images
-    steps = len(make().timesteps(s.timesteps))
+    a = generate(small, spec(make(), 2.0, seed=1, batch_size=3), ctx).images
+    b = generate(small, spec(make(), 2.0, seed=1, batch_size=8), ctx).images
+    c = generate(small, spec(make(), 2.0, seed=1, batch_size=2), ctx[5:], index=[5, 6, 7]).images
+    steps = len(make().timesteps(small.schedule.timesteps))
     # per step: 8 layers of width <= 9 * 32, each guided eps amplifying differences by 1 + 2w = 5; steps compound
     tol = steps * 5 * reorder_tol(b, layers=8, width=9 * 32)
     assert (a - b).abs().max() <= tol and (a[5:] - c).abs().max() <= tol
-    assert torch.equal(generate(net, s, make(), 8, ctx, 2.0, seed=1, batch_size=3).images, a)  # same batches: bitwise
-    other = generate(net, s, make(), 8, ctx, 2.0, seed=2, batch_size=3).images
+    assert torch.equal(generate(small, spec(make(), 2.0, seed=1, batch_size=3), ctx).images, a)  # same batches: bitwise
+    other = generate(small, spec(make(), 2.0, seed=2, batch_size=3), ctx).images
     assert (other - a).abs().amax(dim=(1, 2, 3)).min() > 0.1  # every image changes with the seed
 
 
 def test_record_every_chain_and_x0_frames(small) -> None:
-    net, s = small
     sampler = DDIMSampler(4, eta=0.0, clip_x0=False)
-    out = generate(net, s, sampler, 3, seed=7, batch_size=2, record_every=1)
+    out = generate(small, spec(sampler, seed=7, batch_size=2), None, 3, record_every=1)
     ts = sampler.timesteps(20)
     assert out.chain_t == ts + [-1]
     assert len(out.chain) == 5 and len(out.x0_chain) == 4  # x_T, then one x_t and one x_0 prediction per step
     assert torch.equal(out.chain[0], ImageNoise(7, range(3)).randn((3, 8, 8)))  # x_T: each image's first draw
     assert torch.equal(out.chain[-1], out.images) and torch.equal(out.x0_chain[-1], out.images)  # DDIM's last step is x_0
-    every3 = generate(net, s, sampler, 3, seed=7, batch_size=2, record_every=3)
+    every3 = generate(small, spec(sampler, seed=7, batch_size=2), None, 3, record_every=3)
     assert every3.chain_t == [ts[0], ts[3], -1]
-    assert generate(net, s, sampler, 3, seed=7).chain == []
+    assert generate(small, spec(sampler, seed=7), None, 3).chain == []
 
 
 def test_generate_restores_training_mode_and_keeps_float32_weights(small) -> None:
-    net, s = small
+    net = small.net
     net.train()
-    generate(net, s, DDIMSampler(2), 1, torch.eye(K)[:1], precision="bf16")
+    generate(small, spec(DDIMSampler(2), precision="bf16"), torch.eye(K)[:1])
     assert net.training and next(net.parameters()).dtype == torch.float32
     net.eval()
-    generate(net, s, DDIMSampler(2), 1, torch.eye(K)[:1])
+    generate(small, spec(DDIMSampler(2)), torch.eye(K)[:1])
     assert not net.training
 
 
 def test_one_precision_policy(small, monkeypatch) -> None:
-    net, s = small
-    assert inference_dtype("32", "cpu") == torch.float32 and inference_dtype("bf16", "cpu") == torch.bfloat16
+    assert spec(DDIMSampler(3), precision="32").dtype("cpu") == torch.float32
+    assert spec(DDIMSampler(3), precision="bf16").dtype("cpu") == torch.bfloat16
     for has_bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr("difflab.sampling.cpu_has_bf16", lambda v=has_bf16: v)
-        assert inference_dtype("auto", "cpu") == dtype
+        assert spec(DDIMSampler(3), precision="auto").dtype("cpu") == dtype
     with pytest.raises(ConfigError, match="precision=fp8: choose one of auto, 32, bf16"):
-        inference_dtype("fp8", "cpu")
-    assert inference_net(net, "32", "cpu") is net
-    copy = inference_net(net, "bf16", "cpu")
-    assert copy is not net and next(copy.parameters()).dtype == torch.bfloat16
+        spec(DDIMSampler(3), precision="fp8")
+    assert small.for_inference(torch.float32) is small
+    copy = small.for_inference(torch.bfloat16)
+    assert copy.net is not small.net and copy.dtype == torch.bfloat16 and copy.schedule.betas.dtype == torch.float32
     ctx = torch.eye(K)[:4]
-    full = generate(net, s, DDIMSampler(3), 4, ctx, seed=0).images
-    half = generate(net, s, DDIMSampler(3), 4, ctx, seed=0, precision="bf16").images
+    full = generate(small, spec(DDIMSampler(3)), ctx).images
+    half = generate(small, spec(DDIMSampler(3), precision="bf16"), ctx).images
     # bf16 weights and activations (8 bits of mantissa): close to float32, not equal
     assert 0 < (full - half).abs().max() <= 0.1
 
 
 def test_plan_gives_the_same_images_on_any_number_of_ranks(small) -> None:
-    net, s = small
-    plan = SamplePlan(n=10, batch_size=3, seed=4, num_classes=K, classes=range(K), guidance=1.0)
-    one = {int(i): img for c in plan.chunks_for(0, 1) for img, i in zip(*plan.generate_chunk(net, s, DDIMSampler(3), c)[::2])}
+    plan = SamplePlan(n=10, spec=spec(DDIMSampler(3), guidance=1.0, seed=4, batch_size=3), num_classes=K, classes=range(K))
+    one = {int(i): img for c in plan.chunks_for(0, 1) for img, i in zip(*plan.generate_chunk(small, c)[::2])}
     two = {}
     for rank in range(2):
         for c in plan.chunks_for(rank, 2):
-            images, _, index = plan.generate_chunk(net, s, DDIMSampler(3), c)
+            images, _, index = plan.generate_chunk(small, c)
             two.update({int(i): img for img, i in zip(images, index)})
     assert sorted(one) == sorted(two) == list(range(10))
     assert all(torch.equal(one[i], two[i]) for i in range(10))  # the same chunks: bitwise
@@ -150,7 +153,7 @@ def checkpoint(tmp_path_factory):
     module = build_module(cfg)
     randomize_zeros(module.net)
     ckpt = out / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "difflab_config": module.run_config, "class_names": module.class_names}, ckpt)
+    torch.save({"state_dict": module.state_dict(), "difflab_config": module.model.config, "class_names": module.model.class_names}, ckpt)
     torch.manual_seed(0)
     clf = save_classifier(out / "clf.ckpt", SmallCNN(6, channels=(8, 16)), CLASSES, 16, {}, {})
     return {"ckpt": ckpt, "classifier": clf, "cache": out / "cache"}

@@ -69,7 +69,7 @@ def test_tensorboard_logger_gets_scalars_grids_and_the_config(tmp_path):
 
     cfg = compose_cfg([*TINY, "logger=tensorboard", "timesteps=64", "trainer.log_every_n_steps=1", "~callbacks.progress_bar",
                        "trainer.enable_progress_bar=false", "callbacks.sample_grid.every_n_epochs=1",
-                       "callbacks.sample_grid.sampler.steps=2", "callbacks.sample_grid.per_class=1"], tmp_path)
+                       "callbacks.sample_grid.sampling.steps=2", "callbacks.sample_grid.per_class=1"], tmp_path)
     train(cfg)
     (folder,) = (tmp_path / "tensorboard").glob("version_*")
     events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()

@@ -1,6 +1,7 @@
 """Callbacks that sample during training, from the EMA weights: grids (and the denoising chain) to disk and to
-the loggers, and sample quality (FD/KID/accuracy) to the logged metrics. Both make their samples with
-difflab.sampling.generate, in the precision named by their ``precision`` key (as sample.py and evaluate.py).
+the loggers, and sample quality (FD/KID/accuracy) to the logged metrics. Both sample the LightningModule's
+DiffusionModel with difflab.sampling.generate and a SamplingSpec (conf/sampling/), as sample.py and evaluate.py do,
+output stage included: a training-time val/fd is evaluate.py's at the same settings.
 
 They run after the first validation batch, while the WeightAveraging callback has the EMA weights swapped in,
 whatever the order of the callbacks.
@@ -18,8 +19,7 @@ import torch
 from difflab.images import grid, save_gif, save_png
 from difflab.loggers import log_image
 from difflab.metrics.suite import MetricsConfig, MetricsContext
-from difflab.samplers.base import Sampler
-from difflab.sampling import Guidance, class_plan, generate, inference_net
+from difflab.sampling import SamplingSpec, class_plan, generate
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,12 @@ def class_contexts(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 class _ValidationSampler(L.Callback):
-    """What both callbacks share: a sampler (conf/sampler), a seed, guidance, the inference precision, and when they
-    run: after the first validation batch of every ``every_n_epochs``-th epoch and of the last."""
+    """What both callbacks share: a sampling request, and when they run: after the first validation batch of every
+    ``every_n_epochs``-th epoch and of the last."""
 
-    def __init__(self, sampler: Sampler, every_n_epochs: int, seed: int, guidance: float, guidance_interval: list[float] | None,
-                 guidance_rescale: float, precision: str) -> None:
-        self.sampler = sampler
+    def __init__(self, sampling: SamplingSpec, every_n_epochs: int) -> None:
+        self.spec = sampling
         self.every_n_epochs = every_n_epochs
-        self.seed = seed
-        self.guidance = Guidance.from_config(guidance, guidance_interval, guidance_rescale)
-        self.precision = precision
 
     def due(self, trainer: L.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
         first = batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking
@@ -57,10 +53,9 @@ class _ValidationSampler(L.Callback):
 class SampleGrid(_ValidationSampler):
     """Every ``every_n_epochs`` validation epochs (and the last), a fixed-seed grid: one row per class."""
 
-    def __init__(self, sampler: Sampler, every_n_epochs: int = 5, per_class: int = 8, n_uncond: int = 64, seed: int = 0,
-                 guidance: float = 0.0, chain: bool = True, chain_every: int = 1, precision: str = "auto",
-                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0) -> None:
-        super().__init__(sampler, every_n_epochs, seed, guidance, guidance_interval, guidance_rescale, precision)
+    def __init__(self, sampling: SamplingSpec, every_n_epochs: int = 5, per_class: int = 8, n_uncond: int = 64, chain: bool = True,
+                 chain_every: int = 1) -> None:
+        super().__init__(sampling, every_n_epochs)
         self.per_class = per_class
         self.n_uncond = n_uncond
         self.chain = chain
@@ -73,23 +68,22 @@ class SampleGrid(_ValidationSampler):
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        net, schedule = pl_module.net, pl_module.schedule
-        k = getattr(net, "num_classes", 0)
+        model = pl_module.model
+        k = model.num_classes
         contexts = class_contexts(k, self.per_class) if k else None
-        n, nrow = (len(contexts), self.per_class) if k else (self.n_uncond, 8)
-        out = generate(net, schedule, self.sampler, n, contexts, self.guidance, self.seed, precision=self.precision,
-                       objective=getattr(pl_module, "objective", None),
-                       record_every=self.chain_every if self.chain else 0)
+        nrow = self.per_class if k else 8
+        stage = self.spec.output_stage(model, trainer.datamodule.train_set.tensors[0])
+        out = generate(model, self.spec, contexts, None if k else self.n_uncond, record_every=self.chain_every if self.chain else 0,
+                       stage=stage)
         tag = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}"
         folder = Path(trainer.default_root_dir) / "samples"
-        image = grid(out.images, nrow)
+        image = grid(out.pixels, nrow)
         path = save_png(image, folder / f"{tag}.png")
         gif = None
         if self.chain and out.chain:
             gif = save_gif([grid(x, nrow) for x in out.chain], folder / f"{tag}_chain.gif")
             save_gif([grid(x, nrow) for x in out.x0_chain], folder / f"{tag}_x0.gif")
-        names = getattr(pl_module, "class_names", [])
-        caption = "rows: " + ", ".join(names) if k and names else "unconditional"
+        caption = "rows: " + ", ".join(model.class_names) if k and model.class_names else "unconditional"
         log_image(trainer.loggers, "samples/grid", image, trainer.global_step, caption, gif)
         return path
 
@@ -101,12 +95,9 @@ class SampleQuality(_ValidationSampler):
     gathered, so every rank takes part. ``metrics``: the settings of conf/metrics/ (feature, classifier_ckpt, ...).
     """
 
-    def __init__(self, sampler: Sampler, metrics: dict[str, Any] | None = None, every_n_epochs: int = 10, n: int = 256,
-                 batch_size: int = 128, seed: int = 0, guidance: float = 0.0, precision: str = "auto",
-                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0) -> None:
-        super().__init__(sampler, every_n_epochs, seed, guidance, guidance_interval, guidance_rescale, precision)
+    def __init__(self, sampling: SamplingSpec, metrics: dict[str, Any] | None = None, every_n_epochs: int = 10, n: int = 256) -> None:
+        super().__init__(sampling, every_n_epochs)
         self.n = n
-        self.batch_size = batch_size
         self.metrics_cfg = MetricsConfig.from_mapping(metrics)
         self.context: MetricsContext | None = None
 
@@ -121,19 +112,16 @@ class SampleQuality(_ValidationSampler):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        schedule = pl_module.schedule
-        net = inference_net(pl_module.net, self.precision, pl_module.device)
-        data_cfg = (getattr(pl_module, "run_config", None) or {}).get("data") or {}
-        k = getattr(net, "num_classes", 0)
+        model = pl_module.model.for_inference(self.spec.dtype(pl_module.device))
+        k = model.num_classes
         if self.context is None:  # built on first use: the classifier and real features cost nothing until then
-            identity = getattr(pl_module, "data_identity", None) or trainer.datamodule.identity()
+            identity = model.data or trainer.datamodule.identity()
             self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, identity, conditional=k > 0, device=pl_module.device)
-        plan = class_plan(self.n, self.batch_size, self.seed, k, self.guidance, data_cfg, trainer.datamodule, self.precision,
-                          objective=getattr(pl_module, "objective", None))
-        metrics = self.context.new_metrics(trainer.global_rank, trainer.world_size, self.seed)
+        plan = class_plan(self.n, self.spec, model, model.config.get("data") or {}, trainer.datamodule)
+        metrics = self.context.new_metrics(trainer.global_rank, trainer.world_size, self.spec.seed)
         for chunk in plan.chunks_for(trainer.global_rank, trainer.world_size):
             if chunk >= 0:
-                metrics.update(*plan.generate_chunk(net, schedule, self.sampler, chunk))
+                metrics.update(*plan.generate_chunk(model, chunk))
         values = metrics.compute()
         shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float) and "/" not in k}
         per_class = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in values.items() if k.startswith("cond_acc/"))

@@ -51,7 +51,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               "pass a .ckpt written by train.py") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "difflab_config" not in ckpt:
         raise CheckpointError(f"{path} is not a difflab checkpoint (no state_dict/difflab_config): was it written by train.py?")
-    ckpt["difflab_config"] = relocated(ckpt["difflab_config"], PROJECT_ROOT)
+    ckpt["difflab_config"] = upgraded(relocated(ckpt["difflab_config"], PROJECT_ROOT))
     return ckpt
 
 
@@ -72,6 +72,26 @@ def relocated(config: dict[str, Any], root: Path) -> dict[str, Any]:
         return value
 
     return move(config)
+
+
+# objectives saved by earlier versions: one class with string switches (prediction, weighting) and its EDM subclass
+_LEGACY_PREDICTIONS = {"eps": "EpsPrediction", "x0": "X0Prediction", "v": "VPrediction"}
+
+
+def upgraded(config: dict[str, Any]) -> dict[str, Any]:
+    """The saved run config in today's terms: an objective node of an earlier version becomes its class here (eps-prediction
+    where none was saved), so every checkpoint this project wrote samples with the objective it was trained with."""
+    old = config.get("objective") or {"_target_": "difflab.objectives.Objective"}
+    target = old.get("_target_")
+    if target == "difflab.objectives.Objective":
+        weighting = ({"_target_": "difflab.objectives.MinSNR", "gamma": old.get("snr_gamma", 5.0)} if old.get("weighting") == "min_snr"
+                     else {"_target_": "difflab.objectives.Uniform"})
+        new = {"_target_": f"difflab.objectives.{_LEGACY_PREDICTIONS[old.get('prediction', 'eps')]}", "weighting": weighting}
+    elif target == "difflab.objectives.EDM":
+        new = {**old, "_target_": "difflab.objectives.EDMPreconditioning"}
+    else:
+        return config
+    return {**config, "objective": new}
 
 
 def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -112,26 +132,3 @@ def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], what
              for title, items in (("missing in checkpoint", missing), ("not in model", unexpected), ("shape differs", shapes)) if items]
     raise CheckpointError(f"the {what} does not fit the model built from this config: {' | '.join(parts)}. "
                           "Use the same model=... / data=... (class count) as the run that wrote it")
-
-
-def objective_of(ckpt: dict[str, Any]) -> Any:
-    """The training objective saved in the checkpoint's config (eps-prediction for checkpoints from before objectives)."""
-    from hydra.utils import instantiate
-
-    from difflab.objectives import Objective
-
-    cfg = ckpt["difflab_config"].get("objective")
-    return instantiate(cfg) if cfg else Objective()
-
-
-def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[nn.Module, nn.Module]:
-    """(net, schedule) rebuilt from the config saved in the checkpoint, with its (EMA) weights loaded."""
-    from hydra.utils import instantiate
-
-    cfg = ckpt["difflab_config"]
-    net = instantiate(cfg["model"])
-    schedule = instantiate(cfg["schedule"])
-    weights = net_state_dict(ckpt, ema=ema)
-    check_compatible(net, weights)
-    net.load_state_dict(weights)
-    return net.eval(), schedule

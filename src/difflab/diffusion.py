@@ -1,4 +1,4 @@
-"""The forward process and its posterior: pure tensor math on a NoiseSchedule (the loss: objectives.py).
+"""The forward process and its posterior: pure tensor math on a NoiseSchedule (the loss: objectives/).
 
 Shapes: x_0, x_t, eps are (B, C, H, W); t is an integer tensor (B,) in [0, T-1].
 """

@@ -1,4 +1,4 @@
-"""The LightningModule: wires a network, a noise schedule and the eps loss; optimizer; logging.
+"""The LightningModule: trains a DiffusionModel (network + schedule + objective); optimizer; logging.
 
 Batches arrive scaled to [-1, 1] (see data/datamodule.py). Validation runs on the EMA weights when the
 WeightAveraging callback is on (it swaps them in for the whole validation epoch).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -19,37 +19,30 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from difflab.errors import NonFiniteLossError
-from difflab.objectives import Objective
-from difflab.schedules import NoiseSchedule
+from difflab.model import DiffusionModel
+from difflab.optim import check_optimizer
 
 
 class DiffusionModule(L.LightningModule):
     def __init__(
         self,
-        net: nn.Module,
-        schedule: NoiseSchedule,
+        model: DiffusionModel,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: dict[str, Any] | None = None,
         p_uncond: float = 0.1,
-        class_names: Sequence[str] = (),
         channels_last: bool = False,
         compile: bool = False,
-        run_config: dict[str, Any] | None = None,
-        objective: Objective | None = None,
     ) -> None:
         super().__init__()
-        self.net = net
-        self.schedule = schedule
-        self.optimizer_factory = optimizer
+        self.model = model  # what the training-time callbacks sample; its config and data identity go into checkpoints
+        # its network and schedule are this module's children too: checkpoints keep the keys net.* (EMA swaps weights in place)
+        self.net, self.schedule = model.net, model.schedule
+        self.optimizer_factory = check_optimizer(optimizer)
         self.lr_scheduler_cfg = dict(lr_scheduler) if lr_scheduler else None
         self.p_uncond = p_uncond
-        self.objective = objective or Objective()
-        self.class_names = list(class_names)
         self.channels_last = channels_last
         self.compile = compile
-        self.run_config = run_config  # the resolved run config, saved in checkpoints to rebuild net + schedule
-        self.data_identity: dict[str, Any] | None = None  # the data set's name, config choice and file hashes (train.py)
-        self.conditional = getattr(net, "num_classes", 0) > 0
+        self.conditional = model.num_classes > 0
         self.val_loss = MeanMetric()
         self.val_loss_quartile = nn.ModuleList(MeanMetric() for _ in range(4))
         if channels_last:
@@ -71,15 +64,16 @@ class DiffusionModule(L.LightningModule):
         x0, context = batch
         x0 = self._prepare(x0)
         b = x0.shape[0]
-        t = self.objective.sample_t(self.schedule, b, x0.device)
+        objective = self.model.objective
+        t = objective.sample_t(self.schedule, b, x0.device)
         noise = torch.randn_like(x0)
         net = self._compiled_forward or self.net
         if self.conditional:
             # context dropout: the null context trains the unconditional branch of guidance
             keep = torch.rand(b, device=x0.device) >= self.p_uncond
-            loss = self.objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
+            loss = objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
         else:
-            loss = self.objective.loss(net, self.schedule, x0, t, noise)
+            loss = objective.loss(net, self.schedule, x0, t, noise)
         loss = loss.mean()
         if self.trainer.world_size == 1 and not torch.isfinite(loss):
             # (under DDP a rank's non-finite loss reaches every rank as a non-finite gradient norm, checked below)
@@ -115,7 +109,7 @@ class DiffusionModule(L.LightningModule):
         T = self.schedule.timesteps
         # fixed u in [0, 1) -> t = floor(u T): the same noise and timesteps every epoch and run
         t = (u * T).long().clamp(max=T - 1)
-        loss = self.objective.loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None)
+        loss = self.model.objective.loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None)
         self.val_loss.update(loss)
         quartile = (t * 4) // T
         for q, metric in enumerate(self.val_loss_quartile):
@@ -138,6 +132,6 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": factory(optimizer=optimizer, **kwargs), **cfg}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["difflab_config"] = self.run_config
-        checkpoint["class_names"] = self.class_names
-        checkpoint["difflab_data"] = self.data_identity
+        checkpoint["difflab_config"] = self.model.config
+        checkpoint["class_names"] = self.model.class_names
+        checkpoint["difflab_data"] = self.model.data

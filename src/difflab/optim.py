@@ -7,6 +7,7 @@ and a resumed run continues the same curve.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -40,3 +41,14 @@ class WarmupDecay:
 
 def warmup_decay(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0) -> LambdaLR:
     return LambdaLR(optimizer, WarmupDecay(total_steps, warmup_steps, decay, min_lr_ratio))
+
+
+def check_optimizer(factory: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
+    """conf/optim/'s optimizer (a partial: the parameters come later), its learning rate checked now, not at the first step."""
+    keywords = getattr(factory, "keywords", {})
+    if "lr" not in keywords:  # the optimizer's own default
+        return factory
+    lr = keywords["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optim.optimizer.lr={lr!r}: must be a finite number > 0 (e.g. optim.optimizer.lr=1e-3)")
+    return factory

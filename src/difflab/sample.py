@@ -12,24 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from difflab.checkpoint import build_from_checkpoint, load_checkpoint, objective_of, resolve_checkpoint
 from difflab.errors import ConfigError
-from difflab.images import grid, save_gif, save_npz, save_png, to_uint8
-from difflab.sampling import (
-    check_output_stage,
-    effective_sampler,
-    generate,
-    guidance_of,
-    inference_dtype,
-    inference_net,
-    output_stage,
-    resolve_palette,
-)
-from difflab.validate import check_sampling, integer
+from difflab.images import grid, save_gif, save_npz, save_png
+from difflab.model import load_model
+from difflab.sampling import SamplingSpec, generate
+from difflab.validate import integer
 
 log = logging.getLogger(__name__)
 
@@ -116,64 +106,38 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_request(cfg: DictConfig) -> None:
-    """The request's own values, before the checkpoint is read."""
-    check_sampling(cfg)
+def sample(cfg: DictConfig) -> dict[str, Path]:
+    integer("n", cfg.n, 1, " (images per label, or in all)")
     if cfg.gif:
         integer("frames", cfg.frames, 1, " (or gif=false)")
-    inference_dtype(cfg.precision, "cpu")  # the name; what auto means is decided on the device
-    guidance_of(cfg)
-    check_output_stage(cfg.get("palette"), cfg.get("palette_colors", 16))
-
-
-def training_images(ckpt: dict[str, Any]) -> Tensor:
-    """The uint8 training images of the checkpoint's data set (for palette=data)."""
-    datamodule = instantiate(ckpt["difflab_config"]["data"])
-    datamodule.setup("fit")
-    return datamodule.train_set.tensors[0]
-
-
-def sample(cfg: DictConfig) -> dict[str, Path]:
-    check_request(cfg)
-    ckpt_path = resolve_checkpoint(cfg.ckpt, Path(cfg.paths.log_dir) / "train")
-    ckpt = load_checkpoint(ckpt_path)
+    spec = SamplingSpec.from_config(cfg)
     device = pick_device(cfg.device)
-    net, schedule = build_from_checkpoint(ckpt, ema=cfg.ema)
-    net, schedule = inference_net(net, cfg.precision, device), schedule.to(device)
-    class_names = list(ckpt.get("class_names") or [])
-    if not getattr(net, "num_classes", 0):
-        class_names = []
-        if cfg.label is not None or cfg.context is not None:
-            raise LabelError(f"{ckpt_path} is an unconditional model: drop label=/context=")
+    model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train").to(device)
+    model = model.for_inference(spec.dtype(device))
+    class_names = model.class_names if model.num_classes else []
+    if not model.num_classes and (cfg.label is not None or cfg.context is not None):
+        raise LabelError(f"{model.source} is an unconditional model: drop label=/context=")
     label, context = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (cfg.label, cfg.context))
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
-    guidance = guidance_of(cfg)
-    palette = resolve_palette(cfg.get("palette"), ckpt["difflab_config"].get("data"))
-    stage = output_stage(palette, cfg.get("palette_colors", 16), training_images(ckpt) if palette == "data" else None)
-    sampler_cfg = effective_sampler(cfg.sampler, cfg.steps)
-    sampler = instantiate(sampler_cfg)
-    n_steps = len(sampler.timesteps(schedule.timesteps))
+    record = spec.record(model)
+    stage = spec.output_stage(model)  # palette=data: the model's training images, read before sampling
+    n_steps = record["steps"]
     record_every = max(1, n_steps // cfg.frames) if cfg.gif else 0
     n_total = contexts.shape[0] if contexts is not None else cfg.n
-
-    log.info(f"sampling {n_total} images with {type(sampler).__name__} ({n_steps} steps) from {ckpt_path} on {device}")
+    log.info(f"sampling {n_total} images with {type(spec.sampler).__name__} ({n_steps} steps) from {model.source} on {device}")
     start = time.perf_counter()
-    out = generate(net, schedule, sampler, n_total, contexts, guidance, cfg.seed, batch_size=cfg.batch_size, objective=objective_of(ckpt),
-                   precision=cfg.precision, record_every=record_every, progress=True)
+    out = generate(model, spec, contexts, n_total, record_every=record_every, progress=True, stage=stage)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 
     folder = Path(cfg.paths.output_dir)
-    images = to_uint8(out.images)
-    if stage is not None:
-        images = stage(images)
     files = {
-        "grid": save_png(grid(images, nrow), folder / "grid.png"),
+        "grid": save_png(grid(out.pixels, nrow), folder / "grid.png"),
         "samples": save_npz(
             folder / "samples.npz",
-            images=images.permute(0, 2, 3, 1).numpy(),  # (N, H, W, 3) uint8, as the data set files
+            images=out.pixels.permute(0, 2, 3, 1).numpy(),  # (N, H, W, 3) uint8, as the data set files
             labels=(contexts if contexts is not None else torch.zeros(n_total, len(class_names))).numpy().astype(np.float32),
             class_names=np.array(class_names, dtype=str),
             index=np.arange(n_total),  # image i's noise comes from (seed, i): the same image in evaluate.py's sample i
@@ -182,17 +146,11 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if cfg.gif:
         files["chain"] = save_gif([grid(x, nrow) for x in out.chain], folder / "chain.gif")
         files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain], folder / "x0_chain.gif")
-    meta = {
-        "checkpoint": str(ckpt_path), "sampler": OmegaConf.to_container(sampler_cfg), "steps": n_steps, "n": n_total,
-        "seed": cfg.seed, "guidance": cfg.guidance, "guidance_interval": guidance.interval,
-        "guidance_rescale": guidance.rescale, "palette": palette,
-        "palette_colors": cfg.get("palette_colors") if palette else None, "rows": captions, "ema": cfg.ema, "device": str(device),
-        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-        "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2),
-    }
+    meta = {"checkpoint": str(model.source), "n": n_total, "rows": captions, "ema": cfg.ema, "device": str(device), **record,
+            "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     files["meta"] = folder / "meta.json"
-    print(f"\n{n_total} images in {seconds:.2f} s ({n_total / seconds:.1f} img/s), {n_steps} {type(sampler).__name__} steps")
+    print(f"\n{n_total} images in {seconds:.2f} s ({n_total / seconds:.1f} img/s), {n_steps} {type(spec.sampler).__name__} steps")
     print(f"  rows: {'; '.join(captions)}")
     for name, path in files.items():
         print(f"  {name:9s} {path}")

@@ -1,15 +1,14 @@
-"""The one way to make samples: per-image noise, one inference precision, chunked generation.
+"""A sampling request (SamplingSpec, conf/sampling/) and the one way to carry it out (generate).
 
-sample.py, the SampleGrid and SampleQuality callbacks, evaluate.py and the benchmark all call ``generate``.
-Image i has its own random stream, seeded by (seed, i) as in EDM's per-seed generators: its x_T and every
-step's noise depend only on (seed, i), never on n, batch_size, chunking, the number of ranks or the entry
-point. With its context, the sampler and the precision that fixes the image (up to the last float bits of
-batched kernels, see the README).
+sample.py, evaluate.py, the SampleGrid and SampleQuality callbacks and the benchmark each build one SamplingSpec and
+call ``generate(model, spec, ...)``. Image i has its own random stream, seeded by (seed, i) as in EDM's per-seed
+generators: its x_T and every step's noise depend only on (seed, i), never on n, batch_size, chunking, the number of
+ranks or the entry point. With its context, the sampler and the precision that fixes the image (up to the last float
+bits of batched kernels, see the README).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -19,99 +18,118 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from difflab.config import cpu_has_bf16
 from difflab.errors import ConfigError
+from difflab.guidance import Guidance
 from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
-from difflab.objectives import Objective
+from difflab.model import DiffusionModel
 from difflab.samplers.base import SampleOutput, Sampler
-from difflab.samplers.guidance import guided_denoiser
-from difflab.schedules import NoiseSchedule, sigma_to_t
-from difflab.validate import integer, number
+from difflab.validate import integer
 
 PRECISIONS = ("auto", "32", "bf16")
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance: eps = eps_c + scale (eps_c - eps_u), applied only for noise levels sigma in
-    ``interval`` = [sigma_lo, sigma_hi] when given (Kynkaanniemi et al. 2024; sigma_t = sqrt((1 - ab_t) / ab_t)),
-    with CFG rescale ``rescale`` (Lin et al. 2024; 0 = off, 0.7 in the paper)."""
+class SamplingSpec:
+    """How to sample, checked once here: the sampler (conf/sampler/, with ``steps`` replacing its own steps), guidance
+    (scale, noise-level interval, CFG rescale), the inference precision, the output stage, the seed and the batch size.
 
-    scale: float = 0.0
-    interval: tuple[float, float] | None = None
-    rescale: float = 0.0
+    precision: 32 | bf16 (a bf16 copy of the weights; the sampler's update math stays float32) | auto (bf16 where the
+    hardware runs it fast). palette: sprite (each sample snapped to its own ``palette_colors`` colours) | data (to the
+    data set's most frequent ones) | None (the raw samples) | auto (sprite for pixel-art data, None for photos).
+    """
+
+    FIELDS = ("sampler", "steps", "guidance", "guidance_interval", "guidance_rescale", "precision", "palette", "palette_colors",
+              "seed", "batch_size")
+
+    def __init__(self, sampler: Mapping[str, Any] | Sampler, steps: int | None = None, guidance: float = 2.0,
+                 guidance_interval: Sequence[float] | None = None, guidance_rescale: float = 0.0, precision: str = "auto",
+                 palette: str | None = "auto", palette_colors: int = 16, seed: int = 0, batch_size: int = 256) -> None:
+        self.seed = integer("seed", seed, 0)
+        self.batch_size = integer("batch_size", batch_size, 1)
+        self.steps = integer("steps", steps, 1) if steps is not None else None
+        if str(precision) not in PRECISIONS:
+            raise ConfigError(f"precision={precision}: choose one of {', '.join(PRECISIONS)}")
+        self.precision = str(precision)
+        if palette not in (None, "auto", *PALETTES):
+            raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)}, auto (sprite for pixel art) or null (the raw samples)")
+        self.palette = palette
+        self.palette_colors = integer("palette_colors", palette_colors, 2, " (real sprites use about 8)")
+        self.guidance = Guidance(guidance, _plain(guidance_interval), guidance_rescale)
+        if isinstance(sampler, Sampler) and steps is not None:
+            raise ConfigError(f"steps={steps} with a built {type(sampler).__name__}: give the steps to the sampler itself")
+        self.sampler = sampler if isinstance(sampler, Sampler) else instantiate(self._with_steps(_plain(sampler)))
+
+    def _with_steps(self, sampler: dict[str, Any]) -> dict[str, Any]:
+        # steps= is the number of denoising steps of samplers that take one; samplers that run all T steps (ddpm) ignore it
+        # with a warning, so -m sweeps over samplers x steps run
+        if self.steps is not None:
+            if "steps" in sampler:
+                return {**sampler, "steps": self.steps}
+            log.warning(f"{sampler['_target_']} runs all T steps: steps={self.steps} does not apply")
+        return sampler
 
     @classmethod
-    def from_config(cls, scale: Any, interval: Any = None, rescale: Any = 0.0) -> Guidance:
-        number("guidance", scale, hint=" (0: plain conditional, e.g. guidance=2)")
-        number("guidance_rescale", rescale, 0, 1, " (0: off; Lin et al. use 0.7)")
-        if interval is not None:
-            lo_hi = list(interval) if isinstance(interval, Sequence) and not isinstance(interval, str) else []
-            if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lo_hi) \
-                    or not 0 <= lo_hi[0] < lo_hi[1]:
-                raise ConfigError(f"guidance_interval={interval!r}: give [sigma_lo, sigma_hi] with 0 <= lo < hi "
-                                  "(e.g. guidance_interval=[0.3,5]), or null to guide at every step")
-            interval = (float(lo_hi[0]), float(lo_hi[1]))
-        return cls(float(scale), interval, float(rescale))
+    def from_config(cls, cfg: Any) -> SamplingSpec:
+        """The spec of a config that holds conf/sampling/'s keys at its top level (sample.py, evaluate.py); values may
+        interpolate the rest of the config (batch_size=${n})."""
+        return instantiate({k: _plain(cfg[k]) for k in ("_target_", "_recursive_", *cls.FIELDS)})
 
-    def denoiser(self, net: nn.Module, context: Tensor | None, schedule: NoiseSchedule) -> Any:
-        t_interval = None
-        if self.interval is not None:  # sigma -> (fractional) t on this schedule
-            t_interval = (float(sigma_to_t(schedule, max(self.interval[0], 1e-12))), float(sigma_to_t(schedule, self.interval[1])))
-        return guided_denoiser(net, context, self.scale, t_interval, self.rescale)
+    def dtype(self, device: torch.device | str) -> torch.dtype:
+        """The network's dtype for this precision on ``device``."""
+        precision = self.precision
+        if precision == "auto":
+            device = torch.device(device)
+            fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+            precision = "bf16" if fast else "32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
 
+    def steps_on(self, model: DiffusionModel) -> int:
+        """The steps the sampler takes on this model's schedule (DDPM: all T)."""
+        return len(self.sampler.timesteps(model.schedule.timesteps))
 
-def guidance_of(cfg: Mapping[str, Any]) -> Guidance:
-    """The guidance keys of sample.py / evaluate.py: guidance, guidance_interval, guidance_rescale."""
-    interval = cfg.get("guidance_interval")
-    return Guidance.from_config(cfg["guidance"], list(interval) if interval is not None else None, cfg.get("guidance_rescale", 0.0))
+    def palette_for(self, model: DiffusionModel) -> str | None:
+        if self.palette == "auto":
+            return "sprite" if model.pixel_art else None
+        return self.palette
 
+    def output_stage(self, model: DiffusionModel, data_images: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
+        """What becomes of the uint8 samples (N, C, H, W): snapped to a palette, or nothing. palette=data takes the
+        colours of ``data_images`` (the caller's training images), else of the model's own training data."""
+        palette = self.palette_for(model)
+        if palette is None:
+            return None
+        if palette == "sprite":
+            return partial(snap_to_palette, colors=self.palette_colors)
+        images = data_images if data_images is not None else model.training_images()
+        return partial(snap_to_palette, palette=data_palette(images, self.palette_colors))
 
-def check_output_stage(palette: str | None, colors: int = 16) -> None:
-    """The palette= / palette_colors= keys, as typed."""
-    if palette is None or palette == "auto":
-        return
-    if palette not in PALETTES:
-        raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)}, auto (sprite for pixel art) or null (the raw samples)")
-    integer("palette_colors", colors, 2, " (real sprites use about 8)")
+    def record(self, model: DiffusionModel) -> dict[str, Any]:
+        """The request as it applies to ``model`` (JSON): in sample.py's meta.json and evaluate.py's run key."""
+        palette = self.palette_for(model)
+        name = self.sampler.name or type(self.sampler).__name__.removesuffix("Sampler").lower()
+        return {"sampler": name, "sampler_settings": self.sampler.settings(), "steps": self.steps_on(model),
+                "steps_requested": self.steps, "guidance": self.guidance.scale,
+                "guidance_interval": list(self.guidance.interval) if self.guidance.interval else None,
+                "guidance_rescale": self.guidance.rescale, "precision": self.precision,
+                "dtype": str(self.dtype(model.device)).removeprefix("torch."), "palette": palette,
+                "palette_colors": self.palette_colors if palette else None, "seed": self.seed, "batch_size": self.batch_size}
 
-
-def resolve_palette(palette: str | None, data_cfg: Mapping[str, Any] | None) -> str | None:
-    """palette=auto (the default): sprite for a data set of pixel art (its DataModule says pixel_art = True: the
-    sprites), null (the raw samples) for photographs such as CIFAR-10; any other value as given."""
-    if palette != "auto":
-        return palette
-    target = (data_cfg or {}).get("_target_")
-    return "sprite" if target and getattr(get_class(target), "pixel_art", False) else None
-
-
-def output_stage(palette: str | None, colors: int = 16, data_images: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
-    """palette=sprite: each sample snapped to its own ``colors`` colours; data: to the data set's ``colors`` most frequent
-    colours (from its training images); null: the samples as the model made them."""
-    check_output_stage(palette, colors)
-    if palette is None:
-        return None
-    if palette == "sprite":
-        return partial(snap_to_palette, colors=colors)
-    if data_images is None:
-        raise ConfigError("palette=data needs the data set's images")
-    return partial(snap_to_palette, palette=data_palette(data_images, colors))
+    def row(self, model: DiffusionModel) -> dict[str, Any]:
+        """The request as columns of a results table (evaluate.py's results.csv and sweep tables)."""
+        r = self.record(model)
+        return {"sampler": r["sampler"], "steps": r["steps"], "steps_requested": r["steps_requested"], "guidance": r["guidance"],
+                "guidance_interval": str(self.guidance.interval or ""), "guidance_rescale": r["guidance_rescale"],
+                "palette": f"{r['palette']}:{r['palette_colors']}" if r["palette"] else "", "seed": r["seed"],
+                "batch_size": r["batch_size"], "precision": r["dtype"]}
 
 
-def effective_sampler(sampler_cfg: Any, steps: int | None) -> Any:
-    """conf/sampler/'s config with steps= applied: the number of denoising steps for samplers that take one; samplers
-    that run all T steps (ddpm) ignore it with a warning, in every entry point (so -m sweeps over samplers x steps run)."""
-    sampler_cfg = sampler_cfg.copy()
-    if steps is not None:
-        if "steps" in sampler_cfg:
-            sampler_cfg.steps = steps
-        else:
-            log.warning(f"{sampler_cfg._target_} runs all T steps: steps={steps} does not apply")
-    return sampler_cfg
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -134,70 +152,45 @@ class ImageNoise:
         return self.randn(x.shape[1:], x.device, x.dtype)
 
 
-def inference_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """precision: 32 | bf16 (a bf16 copy of the weights) | auto (bf16 where the hardware runs it fast)."""
-    precision, device = str(precision), torch.device(device)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-        precision = "bf16" if fast else "32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def inference_net(net: nn.Module, precision: str, device: torch.device | str) -> nn.Module:
-    """The network in the inference dtype on ``device``: itself when nothing changes, else a copy (a training
-    network keeps its float32 weights)."""
-    dtype = inference_dtype(precision, device)
-    p = next(net.parameters())
-    if p.dtype == dtype and p.device == torch.device(device):
-        return net
-    return copy.deepcopy(net).to(device, dtype)
-
-
 @torch.no_grad()
-def generate(
-    net: nn.Module,
-    schedule: NoiseSchedule,
-    sampler: Sampler,
-    n: int,
-    contexts: Tensor | None = None,
-    guidance: float | Guidance = 0.0,
-    seed: int = 0,
-    index: Tensor | Sequence[int] | None = None,
-    batch_size: int = 256,
-    precision: str = "32",
-    record_every: int = 0,
-    progress: bool = False,
-    shape: tuple[int, int, int] | None = None,
-    objective: Objective | None = None,
-) -> SampleOutput:
-    """n images (float in [-1, 1], on the CPU) with contexts (n, K) or None; index: their global sample
-    indices (default 0..n-1), which pick their noise. The network is used in ``precision`` on the schedule's
-    device, the sampler's update math stays float32."""
-    device = schedule.betas.device
+def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None = None, n: int | None = None,
+             index: Tensor | Sequence[int] | None = None, record_every: int = 0, progress: bool = False,
+             stage: Callable[[Tensor], Tensor] | None = None) -> SampleOutput:
+    """Images for contexts (N, K), or n unconditional ones; index: their global sample indices (default 0..N-1), which
+    pick their noise. ``images``: float in [-1, 1] on the CPU; ``pixels``: uint8 after the output stage (``stage``, built
+    once by a caller that samples often; by default the spec's for this model). The network runs in the spec's precision
+    on the model's device, in chunks of spec.batch_size."""
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"generate samples a DiffusionModel (network + schedule + objective: difflab.model.load_model or "
+                        f"build_model), not a {type(model).__name__}")
+    n = len(contexts) if n is None and contexts is not None else n
+    if n is None:
+        raise ValueError("generate: give contexts (N, K), or n for an unconditional model")
     index = torch.arange(n) if index is None else torch.as_tensor(index).cpu()
     if len(index) != n or (contexts is not None and len(contexts) != n):
         raise ValueError(f"generate: n={n}, but {len(index)} indices and {len(contexts) if contexts is not None else 0} contexts")
-    shape = shape or (net.in_channels, net.image_size, net.image_size)
-    model = inference_net(net, precision, device)
-    guidance = guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
-    was_training = net.training
-    model.eval()
+    device = model.device
+    runner = model.for_inference(spec.dtype(device))
+    was_training = model.net.training
+    runner.net.eval()
     parts: list[SampleOutput] = []
     try:
-        for start in range(0, n, batch_size):
-            noise = ImageNoise(seed, index[start : start + batch_size].tolist())
-            ctx = contexts[start : start + batch_size].to(device) if contexts is not None else None
-            denoise = (objective or Objective()).eps_denoiser(guidance.denoiser(model, ctx, schedule), schedule)
-            parts.append(sampler.sample(denoise, schedule, noise.randn(shape, device), noise, record_every, progress))
+        for start in range(0, n, spec.batch_size):
+            noise = ImageNoise(spec.seed, index[start : start + spec.batch_size].tolist())
+            ctx = contexts[start : start + spec.batch_size].to(device) if contexts is not None else None
+            x_T = noise.randn(model.image_shape, device)
+            parts.append(spec.sampler.sample(runner.denoiser(ctx, spec.guidance), model.schedule, x_T, noise, record_every, progress))
     finally:
-        net.train(was_training)
+        model.net.train(was_training)
+    images = torch.cat([p.images.cpu() for p in parts])
+    stage = stage or spec.output_stage(model)
+    pixels = to_uint8(images)
     return SampleOutput(
-        images=torch.cat([p.images.cpu() for p in parts]),
+        images=images,
         chain=[torch.cat(frames) for frames in zip(*(p.chain for p in parts))],
         x0_chain=[torch.cat(frames) for frames in zip(*(p.x0_chain for p in parts))],
         chain_t=parts[0].chain_t,
+        pixels=stage(pixels) if stage else pixels,
     )
 
 
@@ -214,7 +207,7 @@ def proportional_labels(n: int, classes: Sequence[int], weights: Sequence[float]
 
 @dataclass
 class SamplePlan:
-    """The samples of an evaluation: sample i has label ``labels()[i]`` and is made in chunk i // batch_size.
+    """The samples of an evaluation: sample i has label ``labels()[i]`` and is made in chunk i // spec.batch_size.
 
     Labels follow the class frequencies of the real images the samples are compared with (FD/KID compare
     distributions: class-balanced samples against unbalanced data would be penalised for the label mix
@@ -223,22 +216,19 @@ class SamplePlan:
     """
 
     n: int
-    batch_size: int
-    seed: int = 0
+    spec: SamplingSpec
     num_classes: int = 0  # context width K; 0 = unconditional model
     classes: Sequence[int] = ()  # the classes to spread the samples over (all, or the trained subset)
-    guidance: float | Guidance = 0.0
     weights: Sequence[float] = ()  # relative frequency of each entry of classes (the real data's); () = equal
-    precision: str = "32"
-    post: Callable[[Tensor], Tensor] | None = None  # an output stage on the uint8 images (output_stage)
-    objective: Objective | None = None  # what the network predicts (eps when None)
+    stage: Callable[[Tensor], Tensor] | None = None  # the output stage, built once (SamplingSpec.output_stage)
 
     @property
     def n_chunks(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil(self.n / self.spec.batch_size)
 
     def chunk_indices(self, chunk: int) -> Tensor:
-        return torch.arange(chunk * self.batch_size, min((chunk + 1) * self.batch_size, self.n))
+        size = self.spec.batch_size
+        return torch.arange(chunk * size, min((chunk + 1) * size, self.n))
 
     @cached_property
     def all_labels(self) -> Tensor:
@@ -251,17 +241,14 @@ class SamplePlan:
         """This rank's chunks; [-1] (make nothing) when there are fewer chunks than ranks."""
         return list(range(rank, self.n_chunks, world)) or [-1]
 
-    def generate_chunk(self, net: nn.Module, schedule: NoiseSchedule, sampler: Sampler, chunk: int) -> tuple[Tensor, Tensor | None, Tensor]:
-        """-> (uint8 images (B, C, H, W) on the schedule's device, labels (B,) or None, sample indices (B,))."""
-        device = schedule.betas.device
+    def generate_chunk(self, model: DiffusionModel, chunk: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """-> (uint8 images (B, C, H, W) after the output stage, on the model's device, labels (B,) or None, indices (B,))."""
+        device = model.device
         index = self.chunk_indices(chunk)
         labels = self.labels(index)
         contexts = nn.functional.one_hot(labels, self.num_classes).float() if labels is not None else None
-        out = generate(net, schedule, sampler, len(index), contexts, self.guidance, self.seed, index, len(index), self.precision,
-                       objective=self.objective)
-        images = to_uint8(out.images)
-        images = (self.post(images) if self.post else images).to(device)
-        return images, (labels.to(device) if labels is not None else None), index.to(device)
+        out = generate(model, self.spec, contexts, len(index), index, stage=self.stage)
+        return out.pixels.to(device), (labels.to(device) if labels is not None else None), index.to(device)
 
 
 def trained_classes(data_cfg: Mapping[str, Any], class_names: Sequence[str]) -> list[int]:
@@ -270,12 +257,12 @@ def trained_classes(data_cfg: Mapping[str, Any], class_names: Sequence[str]) -> 
     return [list(class_names).index(c) for c in subset] if subset else list(range(len(class_names)))
 
 
-def class_plan(n: int, batch_size: int, seed: int, num_classes: int, guidance: float | Guidance, data_cfg: Mapping[str, Any],
-               datamodule: Any, precision: str = "32", **settings: Any) -> SamplePlan:
-    """The plan for a model with num_classes contexts (0: unconditional), labels in the training data's proportions;
-    settings: SamplePlan's other fields (post, objective)."""
-    if not num_classes:
-        return SamplePlan(n, batch_size, seed, 0, (), guidance, precision=precision, **settings)
+def class_plan(n: int, spec: SamplingSpec, model: DiffusionModel, data_cfg: Mapping[str, Any], datamodule: Any) -> SamplePlan:
+    """The plan for ``model`` (its contexts; none for an unconditional one), labels in the proportions of the set-up
+    ``datamodule``'s training data, whose images also give palette=data its colours."""
+    stage = spec.output_stage(model, datamodule.train_set.tensors[0])
+    if not model.num_classes:
+        return SamplePlan(n, spec, stage=stage)
     classes = trained_classes(data_cfg, datamodule.class_names)
     counts = datamodule.class_counts()
-    return SamplePlan(n, batch_size, seed, num_classes, classes, guidance, [float(counts[c]) for c in classes], precision, **settings)
+    return SamplePlan(n, spec, model.num_classes, classes, [float(counts[c]) for c in classes], stage)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from difflab.config import hydra_choice, instantiate_group, to_container
 from difflab.ddp import use_job_command_for_ddp_ranks
 from difflab.errors import ConfigError
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
+from difflab.model import build_model
 from difflab.resume import FinalCheckpoint, Preemption, RandomStates, own_checkpoint
 from difflab.validate import check_trainer_config, integer
 
@@ -36,19 +36,13 @@ def end_distributed(env_before_fit: dict[str, str]) -> None:
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
-    net = instantiate(cfg.model)
-    schedule = instantiate(cfg.schedule)
-    module = instantiate(
+    """The LightningModule (conf/module/) training a fresh DiffusionModel built from the run config."""
+    return instantiate(
         cfg.module,
-        net=net,
-        schedule=schedule,
+        model=build_model(to_container(cfg)),
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler, _convert_="all"),
-        objective=instantiate(cfg.objective) if cfg.get("objective") else None,
-        class_names=list(cfg.data.class_names),
     )
-    module.run_config = to_container(cfg)  # not through instantiate: it would build the _target_s inside
-    return module
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
@@ -72,9 +66,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_trainer_config(cfg.trainer)
     if cfg.get("seed") is not None:
         integer("seed", cfg.seed, 0, " (or seed=null for a random one)")
-    lr = cfg.optim.optimizer.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"optim.optimizer.lr={lr!r}: must be a finite number > 0 (e.g. optim.optimizer.lr=1e-3)")
     use_job_command_for_ddp_ranks()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -83,9 +74,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    module.data_identity = {**datamodule.identity(), "choice": hydra_choice("data")}
+    module.model.data = {**datamodule.identity(), "choice": hydra_choice("data")}
     n_params = sum(p.numel() for p in module.net.parameters())
-    log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}")
+    log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}; {module.model.objective}")
 
     if cfg.get("require_init_from") and not cfg.get("init_from"):
         raise ConfigError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
@@ -95,10 +86,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"resuming from {ckpt_path}")
     elif cfg.get("init_from"):
         init = resolve_checkpoint(cfg.init_from, Path(cfg.paths.log_dir))
-        weights = net_state_dict(load_checkpoint(init), ema=True)
+        saved = load_checkpoint(init)
+        weights = net_state_dict(saved, ema=True)
         check_compatible(module.net, weights, f"init_from checkpoint {init}")
         module.net.load_state_dict(weights)
         log.info(f"fine-tuning from the EMA weights of {init}")
+        if saved["difflab_config"].get("objective") != module.model.config.get("objective"):
+            log.warning(f"init_from: {init} was trained with objective {saved['difflab_config'].get('objective')}, this run trains "
+                        f"{module.model.config.get('objective')}: the network starts from another prediction target")
 
     # always on, and after the configured ones: a signal's checkpoint must include this step's EMA update
     callbacks = [*instantiate_group(cfg.get("callbacks")), TimeBudget(), RandomStates(), Preemption(), FinalCheckpoint()]

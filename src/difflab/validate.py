@@ -25,18 +25,6 @@ def number(key: str, value: Any, low: float = -math.inf, high: float = math.inf,
     return float(value)
 
 
-def check_sampling(cfg: Mapping[str, Any], min_n: int = 1, n_hint: str = " (images per label, or in all)") -> None:
-    """What sample.py and evaluate.py share: n, batch_size, seed, guidance, steps, ema."""
-    integer("n", cfg["n"], min_n, n_hint)
-    integer("batch_size", cfg["batch_size"], 1)
-    integer("seed", cfg["seed"], 0)
-    number("guidance", cfg["guidance"], hint=" (0: plain conditional, e.g. guidance=2)")
-    if cfg.get("steps") is not None:
-        integer("steps", cfg["steps"], 1)
-    if not isinstance(cfg["ema"], bool):
-        raise ConfigError(f"ema={cfg['ema']!r}: true (the EMA weights) or false (the raw training weights)")
-
-
 def precisions() -> tuple[str, ...]:
     from typing import get_args
 

@@ -167,7 +167,7 @@ class ArrayDataModule(L.LightningDataModule):
         return type(self).__name__
 
     name = "data"  # a short name for file names (the feature cache) and messages
-    pixel_art = False  # True: palette=auto snaps samples to a small palette (see sampling.resolve_palette)
+    pixel_art = False  # True: palette=auto snaps samples to a small palette (see SamplingSpec.palette_for)
 
     def source_files(self) -> list[Path]:
         """The files the arrays are read from (their hash identifies the data set)."""

@@ -1,4 +1,4 @@
-"""Printing and logging evaluation results; the sweep's table (CSV, Markdown) and quality-vs-steps plot."""
+"""The table (CSV, Markdown) and quality-vs-steps plot of an evaluate.py sweep, from its jobs' result.json files."""
 
 from __future__ import annotations
 
@@ -24,39 +24,10 @@ SETTINGS = ("sampler", "guidance", "n", "seed", "ema", "feature", "ckpt", "sched
 RUN_COLUMNS = ("ckpt", "schedule", "timesteps")
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
-
-
-def print_result(row: dict[str, Any], reference: dict[str, Any] | None, out_dir: Path) -> None:
-    ref = reference or {}
-    keys = [k for k in row if k in ("fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colors_median", "top16_share",
-                                    "top16_share_min", "memorized") or k.startswith(("cond_acc/", "nn_dist"))]
-    print(f"\n{row['sampler']} ({row['steps']} steps), n={row['n']}, guidance={row['guidance']}, {row['feature']} features"
-          + (f"  [reused from {row['reused_from']}]" if row.get("reused_from") else ""))
-    print(f"  {'metric':24s} {'samples':>10s} {'real val':>10s}")
-    for k in keys:
-        print(f"  {k:24s} {_fmt(row[k]):>10s} {_fmt(ref.get(k)):>10s}")
-    if row.get("images_per_second"):
-        print(f"  {row['seconds']} s ({row['images_per_second']} img/s on {row['world_size']} rank(s))")
-    if ref:
-        print(f"  real val: the {ref.get('n')} held-out real images scored as if they were samples (the floor for FD/KID)")
-    print(f"  written: {out_dir / 'result.json'}, {out_dir / 'results.csv'}")
-
-
-def log_to_loggers(loggers: list, row: dict[str, Any], reference: dict[str, Any] | None) -> None:
-    numbers = {f"eval/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    numbers.update({f"eval_ref/{k}": float(v) for k, v in (reference or {}).items() if isinstance(v, (int, float))})
-    for logger in loggers:
-        logger.log_metrics(numbers)
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            columns = list(row)
-            logger.experiment.log({"eval/result": wandb.Table(columns=columns, data=[[row[c] for c in columns]])})
-        logger.save()
 
 
 def collect(folder: Path) -> list[dict[str, Any]]:
@@ -110,7 +81,7 @@ def write_summary(folder: Path) -> dict[str, Path]:
         writer.writerows(rows)
     shown = _varying(rows, RUN_COLUMNS) + [c for c in columns if c in MAIN or c.startswith("cond_acc/")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in shown) + " |" for r in rows]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     panels = [("FD (lower is better)", _series(rows, "fd")), ("KID (lower is better)", _series(rows, "kid"))]
     if any("cond_acc" in r for r in rows):

@@ -2,7 +2,6 @@ from difflab.samplers.base import SampleOutput, Sampler, spaced_timesteps
 from difflab.samplers.ddim import DDIMSampler
 from difflab.samplers.ddpm import DDPMSampler
 from difflab.samplers.dpmpp import DPMSolverPP2MSampler
-from difflab.samplers.guidance import guided_denoiser
 from difflab.samplers.heun import HeunSampler
 
-__all__ = ["DDIMSampler", "DDPMSampler", "DPMSolverPP2MSampler", "HeunSampler", "SampleOutput", "Sampler", "guided_denoiser", "spaced_timesteps"]
+__all__ = ["DDIMSampler", "DDPMSampler", "DPMSolverPP2MSampler", "HeunSampler", "SampleOutput", "Sampler", "spaced_timesteps"]

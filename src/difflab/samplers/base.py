@@ -75,12 +75,18 @@ class SampleOutput:
     chain: list[Tensor] = field(default_factory=list)  # recorded x_t, first = x_T, last = images
     x0_chain: list[Tensor] = field(default_factory=list)  # the x_0 predicted at each recorded step: chain[1:]'s
     chain_t: list[int] = field(default_factory=list)  # the t of each chain frame (-1 = final)
+    pixels: Tensor | None = None  # (N, C, H, W) uint8 after the output stage (difflab.sampling.generate)
 
 
 class Sampler:
-    """Subclasses define ``timesteps(T)`` and ``step(...)``; ``sample`` runs the loop."""
+    """Subclasses define ``timesteps(T)`` and ``step(...)``; ``sample`` runs the loop. ``name``: its conf/sampler/ file."""
 
+    name: str = ""
     clip_x0: bool = True
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's settings as set (what a record of the sampling names)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def timesteps(self, T: int) -> list[int]:
         raise NotImplementedError

@@ -10,6 +10,8 @@ from difflab.schedules import NoiseSchedule
 
 
 class DDIMSampler(Sampler):
+    name = "ddim"
+
     def __init__(self, steps: int = 25, eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = True) -> None:
         check_settings(steps, spacing, eta)
         self.steps = steps

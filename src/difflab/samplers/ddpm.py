@@ -15,6 +15,8 @@ VARIANCES = ("beta", "posterior")
 class DDPMSampler(Sampler):
     """Every one of the T steps. variance="beta": sigma_t^2 = beta_t; "posterior": beta~_t."""
 
+    name = "ddpm"
+
     def __init__(self, variance: str = "beta", clip_x0: bool = False) -> None:
         if variance not in VARIANCES:
             raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {VARIANCES}")

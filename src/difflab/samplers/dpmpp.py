@@ -15,6 +15,8 @@ from difflab.schedules import NoiseSchedule
 
 
 class DPMSolverPP2MSampler(Sampler):
+    name = "dpmpp"
+
     def __init__(self, steps: int = 15, spacing: str = "linspace", clip_x0: bool = True) -> None:
         check_settings(steps, spacing)
         self.steps = steps

@@ -29,6 +29,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 class HeunSampler(Sampler):
     """steps N (2N - 1 evaluations); churn S_churn with S_tmin, S_tmax, S_noise as in EDM (churn 0: deterministic)."""
 
+    name = "heun"
     clip_x0 = False
 
     def __init__(self, steps: int = 18, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None,
