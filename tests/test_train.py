@@ -49,8 +49,12 @@ def test_sweep_runs_each_job_in_its_own_dir_and_groups_wandb_runs(tmp_path):
     result = run_script("train.py", "-m", "schedule=linear,cosine", "timesteps=64", *TINY, "logger=wandb",
                         f"hydra.sweep.dir={tmp_path / 'sweep'}", env={**clean, **env, "WANDB_SILENT": "true"})
     ok(result)
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    # the sweep's report went to the same W&B group, as a run of its own
+    (report_run,) = (tmp_path / "sweep" / "wandb").glob("offline-run-*")
+    record = next(report_run.glob("run-*.wandb")).read_bytes()
+    assert b"train-sweep" in record and b"report" in record and list((report_run / "files" / "media").rglob("*.png"))
     schedules = []
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
@@ -61,6 +65,7 @@ def test_sweep_runs_each_job_in_its_own_dir_and_groups_wandb_runs(tmp_path):
         assert b"train-sweep" in record  # the group shared by the sweep's jobs
         assert f"schedule={schedules[-1].replace('Schedule', '').lower()}".encode() in record  # run name from overrides
         assert list((runs[0] / "files" / "media").rglob("*.png")), "the sample grid went to W&B"
+        assert b"final/fd" in record  # the final quality, in the run's summary
     assert schedules == ["LinearSchedule", "CosineSchedule"]
 
 

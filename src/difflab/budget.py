@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -78,3 +79,44 @@ class TimeBudget(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total_steps, self.recheck_at = state_dict.get("total_steps"), state_dict.get("recheck_at")
+
+
+class RunClock(L.Callback):
+    """The run's own clock: seconds of training (validation, grids and callbacks included, as a time budget counts them)
+    and images seen (all ranks), carried across resumes in checkpoints; logged as trainer/seconds and
+    trainer/images_seen with every validation, so runs on other machines or batch sizes compare at equal budget."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.images = 0
+        self._since: float | None = None
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._since is not None:
+            self.seconds += now - self._since
+        self._since = now
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.images += len(batch[0]) * trainer.world_size
+        self._tick()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._tick()
+        pl_module.log("trainer/seconds", self.seconds, batch_size=1, sync_dist=False)
+        pl_module.log("trainer/images_seen", float(self.images), batch_size=1, sync_dist=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._tick()
+
+    def state_dict(self) -> dict[str, Any]:
+        self._tick()
+        return {"seconds": self.seconds, "images": self.images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds, self.images = state_dict.get("seconds", 0.0), state_dict.get("images", 0)

@@ -20,6 +20,7 @@ from difflab.images import grid, save_gif, save_png
 from difflab.loggers import log_image
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.sampling import SamplingSpec, class_plan, generate
+from difflab.scoring import score
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,7 @@ class SampleQuality(_ValidationSampler):
             identity = model.data or trainer.datamodule.identity()
             self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, identity, conditional=k > 0, device=pl_module.device)
         plan = class_plan(self.n, self.spec, model, model.config.get("data") or {}, trainer.datamodule)
-        metrics = self.context.new_metrics(trainer.global_rank, trainer.world_size, self.spec.seed)
-        for chunk in plan.chunks_for(trainer.global_rank, trainer.world_size):
-            if chunk >= 0:
-                metrics.update(*plan.generate_chunk(model, chunk))
-        values = metrics.compute()
+        values = score(model, plan, self.context, trainer.global_rank, trainer.world_size)
         shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float) and "/" not in k}
         per_class = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in values.items() if k.startswith("cond_acc/"))
         log.info(f"epoch {trainer.current_epoch}: sample quality ({self.n} samples, EMA weights) {shown}"

@@ -24,9 +24,9 @@ from difflab.images import grid, save_npz, save_png
 from difflab.loggers import quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.model import DiffusionModel, load_model
-from difflab.results import find_reusable, run_key, sweep_dir, write_result
+from difflab.results import find_reusable, run_key, score_row, sweep_dir, write_result
 from difflab.sampling import SamplingSpec, class_plan
-from difflab.scoring import ScoringModule
+from difflab.scoring import ScoringModule, save_scores
 from difflab.validate import check_trainer_config, integer
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return module.results
     values = module.results
-    row: dict[str, Any] = {
-        **spec.row(module.model), "n": cfg.n, "ema": cfg.ema, "feature": mcfg.feature, "ckpt": str(model.source),
-        "schedule": type(model.schedule).__name__.removesuffix("Schedule").lower(), "timesteps": model.schedule.timesteps,
-        **{k: v for k, v in values.items() if not k.startswith("_")},
-        "seconds": round(module.seconds, 2), "images_per_second": round(cfg.n / max(module.seconds, 1e-9), 2),
-        "world_size": trainer.world_size, "run_key": key, "reused_from": None,
-    }
+    row = {**score_row(spec, module.model, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size), "ema": cfg.ema,
+           "run_key": key, "reused_from": None}
     reference = None
     if cfg.get("reference", True):
         reference = {k: v for k, v in context.reference(spec.seed).items() if not k.startswith("_")}
@@ -95,4 +90,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             save_npz(out_dir / "samples.npz", **module.samples, class_names=np.array(model.class_names, dtype=str))
     if "_distance" in values:
         np.savez(out_dir / "nearest_train.npz", distance=values["_distance"].numpy(), nearest=values["_nearest"].numpy())
+    save_scores(out_dir / "scores.npz", values, context)
     return write_result(cfg, row, reference, out_dir, loggers)

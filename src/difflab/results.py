@@ -1,12 +1,14 @@
-"""An evaluation's results: the key of everything that decides them, reuse of an equal earlier job of the same sweep,
-and the files (result.json, results.csv), the printed table and the loggers; the sweep's table (metrics/summary.py)
-is refreshed after each job."""
+"""What scoring found, written down: evaluate.py's result.json / results.csv (with the key of everything that decides
+them, reuse of an equal earlier job of the same sweep, the printed table, the loggers and the sweep's table,
+metrics/summary.py), and how a training run ended (final.json: its steps, time, images seen, final val/loss and final
+quality; its loggers' summaries). Both kinds of row have the same columns, from ``score_row``."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,45 @@ from omegaconf import DictConfig
 from difflab.config import to_container
 from difflab.loggers import finish_wandb
 from difflab.metrics.summary import fmt, write_summary
+from difflab.model import DiffusionModel
+from difflab.sampling import SamplingSpec
 
 RESULT_METRICS = ("fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colors_median", "top16_share", "top16_share_min", "memorized")
+
+
+def score_row(spec: SamplingSpec, model: DiffusionModel, n: int, feature: str, values: Mapping[str, Any], seconds: float,
+              world_size: int = 1) -> dict[str, Any]:
+    """One row of scores: the sampling request, the model's schedule, the figures (no per-sample arrays), the time."""
+    return {
+        **spec.row(model), "n": n, "feature": feature, "ckpt": str(model.source),
+        "schedule": type(model.schedule).__name__.removesuffix("Schedule").lower(), "timesteps": model.schedule.timesteps,
+        **{k: v for k, v in values.items() if not k.startswith("_")},
+        "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2), "world_size": world_size,
+    }
+
+
+def write_final(out_dir: Path, training: dict[str, Any], row: dict[str, Any] | None, figures: dict[str, Any], cfg: DictConfig,
+                loggers: list) -> Path:
+    """How a training run ended: final.json (its training figures, the final quality's row or None, the run config; a
+    finished run's marker: the same command skips it) and every logger: CSV rows, the W&B run's summary, TensorBoard's
+    HParams with the run's hyperparameters. ``figures``: the scores among the row's columns (what the loggers get)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    path = out_dir / "final.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"training": training, "row": row, "config": to_container(cfg), "output_dir": str(out_dir)},
+                              indent=2, default=str))
+    tmp.replace(path)
+    numbers = {f"final/{k}": float(v) for k, v in {**figures, **training}.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(to_container(cfg), metrics=numbers)
+        else:
+            logger.log_metrics(numbers, step=training.get("train_steps"))
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(numbers)
+        logger.save()
+    return path
 
 
 def run_key(settings: dict[str, Any]) -> str:

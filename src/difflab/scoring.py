@@ -1,10 +1,14 @@
-"""Scoring a model's samples on every rank: a Lightning test run over the chunks of a SamplePlan, each rank making
-its share and updating the metrics (their states gathered across ranks), rank 0 collecting every sample in index
-order. evaluate.py runs it; results.py writes what it found."""
+"""Scoring a model's samples: ``score`` (a rank's chunks of a SamplePlan, sampled and scored; the metric states are
+gathered across ranks), the ScoringModule that runs it as a Lightning test run on every rank (evaluate.py), and
+FinalEval, the quality of a training run's final EMA weights (train.py). results.py writes what they find."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,9 +16,37 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from difflab.metrics.suite import MetricsContext
-from difflab.model import DiffusionModel
-from difflab.sampling import SamplePlan
+from difflab.errors import DifflabError
+from difflab.metrics.suite import MetricsConfig, MetricsContext
+from difflab.model import DiffusionModel, load_model
+from difflab.sampling import SamplePlan, SamplingSpec, class_plan
+from difflab.validate import integer
+
+log = logging.getLogger(__name__)
+
+
+def score(model: DiffusionModel, plan: SamplePlan, context: MetricsContext, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """This rank's chunks of ``plan`` sampled and scored; with world > 1 every rank must call it (the states are gathered).
+    world = 1 scores alone, also inside a distributed run (the final scores, on rank 0 after training)."""
+    metrics = context.new_metrics(rank, world, plan.spec.seed, sync=world > 1)
+    for chunk in plan.chunks_for(rank, world):
+        if chunk >= 0:
+            metrics.update(*plan.generate_chunk(model, chunk))
+    return metrics.compute()
+
+
+def save_scores(path: Path, values: Mapping[str, Any], context: MetricsContext) -> Path:
+    """scores.npz: every sample's features, label, predicted class and nearest-training-image distance (sample order),
+    with the real features' mean and covariance: what a report's bootstrap over the images recomputes FD and accuracy
+    from (difflab.metrics.intervals)."""
+    real = context.real.double().cpu().numpy()
+    arrays = {"features": values["_features"].numpy(), "real_mu": real.mean(0), "real_sigma": np.cov(real, rowvar=False)}
+    for key in ("labels", "predictions", "distance"):
+        if f"_{key}" in values:
+            arrays[key] = values[f"_{key}"].numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
 
 
 class _Chunks(DistributedSampler):
@@ -79,3 +111,45 @@ class ScoringModule(L.LightningModule):
             if labels:
                 # one-hot contexts (N, K) float32, as sample.py and the data set files
                 self.samples["labels"] = torch.nn.functional.one_hot(torch.cat(labels)[order], self.plan.num_classes).float().numpy()
+
+
+@dataclass
+class Scored:
+    """What FinalEval found: the model it scored, the figures, the per-sample arrays ("_features", "_labels", ...) and
+    the metrics context (its real features)."""
+
+    model: DiffusionModel
+    values: dict[str, Any]
+    samples: dict[str, Any]
+    context: MetricsContext
+    seconds: float
+
+
+class FinalEval:
+    """When training ends: the run's final EMA weights, loaded from its last checkpoint as evaluate.py loads them, sampled
+    (``sampling``, conf/sampling/) and scored (``metrics``, conf/metrics/) as evaluate.py does, n samples with labels in
+    the training data's proportions. conf/final_eval/; final_eval=none switches it off."""
+
+    def __init__(self, sampling: SamplingSpec, metrics: Mapping[str, Any] | MetricsConfig | None = None, n: int = 1000) -> None:
+        self.spec = sampling
+        self.metrics_cfg = MetricsConfig.from_mapping(metrics)
+        self.n = integer("final_eval.n", n, 2, " (FD needs at least 2 samples; final_eval=none: no final scores)")
+
+    def __call__(self, ckpt: Path, datamodule: Any, device: torch.device) -> Scored | None:
+        """None, with a warning, when the data set has no network to score with (the warning says how to train one):
+        the run itself has ended well either way."""
+        start = time.perf_counter()
+        model = load_model(ckpt).to(device)
+        model = model.for_inference(self.spec.dtype(device))
+        try:
+            context = MetricsContext(self.metrics_cfg, datamodule, model.data or datamodule.identity(), conditional=model.num_classes > 0,
+                                     device=device)
+        except DifflabError as err:
+            log.warning(f"final_eval skipped: {err}")
+            return None
+        values = score(model, class_plan(self.n, self.spec, model, model.config.get("data") or {}, datamodule), context)
+        seconds = time.perf_counter() - start
+        figures = {k: v for k, v in values.items() if not k.startswith("_")}
+        log.info(f"final quality ({self.n} samples, EMA weights, {seconds:.0f} s): "
+                 + ", ".join(f"{k} {v:.4g}" for k, v in figures.items() if "/" not in k))
+        return Scored(model, figures, {k: v for k, v in values.items() if k.startswith("_")}, context, seconds)

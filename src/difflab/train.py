@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,14 +14,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
-from difflab.budget import TimeBudget
+from difflab.budget import RunClock, TimeBudget
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
 from difflab.config import hydra_choice, instantiate_group, to_container
 from difflab.ddp import use_job_command_for_ddp_ranks
 from difflab.errors import ConfigError
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.model import build_model
-from difflab.resume import FinalCheckpoint, Preemption, RandomStates, own_checkpoint
+from difflab.results import score_row, write_final
+from difflab.resume import FinalCheckpoint, Preemption, RandomStates, checkpoint_dir, own_checkpoint
+from difflab.scoring import FinalEval, save_scores
 from difflab.validate import check_trainer_config, integer
 
 log = logging.getLogger(__name__)
@@ -61,11 +64,29 @@ def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
     return resolve_checkpoint(spec, Path(cfg.paths.log_dir) / cfg.task_name)
 
 
+def finished(cfg: DictConfig) -> dict[str, float] | None:
+    """The final figures of this run folder when it already finished this very config (its final.json): the same command
+    again, e.g. a re-run -m sweep, skips the jobs that are done (and resumes the one that was cut, ckpt_path=auto)."""
+    path = Path(cfg.paths.output_dir) / "final.json"
+    if cfg.get("ckpt_path") != "auto" or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("config") != json.loads(json.dumps(to_container(cfg), default=str)):
+        return None  # another config in this folder (e.g. more epochs): it continues from its checkpoint
+    log.info(f"{path.parent} finished this config already ({path}): skipped")
+    row, training = saved.get("row") or {}, saved.get("training") or {}
+    found = {f"final/{k}": float(v) for k, v in row.items() if isinstance(v, float)}
+    return {**found, **({"val/loss": float(training["val_loss"])} if training.get("val_loss") is not None else {})}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_duplicate_logs()
     check_trainer_config(cfg.trainer)
     if cfg.get("seed") is not None:
         integer("seed", cfg.seed, 0, " (or seed=null for a random one)")
+    done = finished(cfg)
+    if done is not None:
+        return done
     use_job_command_for_ddp_ranks()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -95,8 +116,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning(f"init_from: {init} was trained with objective {saved['difflab_config'].get('objective')}, this run trains "
                         f"{module.model.config.get('objective')}: the network starts from another prediction target")
 
+    # checked now, not after the training; final_eval=none leaves no _target_ (debug=fast may still set its n)
+    final_eval = instantiate(cfg.final_eval) if "_target_" in (cfg.get("final_eval") or {}) else None
     # always on, and after the configured ones: a signal's checkpoint must include this step's EMA update
-    callbacks = [*instantiate_group(cfg.get("callbacks")), TimeBudget(), RandomStates(), Preemption(), FinalCheckpoint()]
+    clock = RunClock()
+    callbacks = [*instantiate_group(cfg.get("callbacks")), TimeBudget(), clock, RandomStates(), Preemption(), FinalCheckpoint()]
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without one (it has nowhere to write)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -105,15 +129,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(to_container(cfg))
 
     env = dict(os.environ)
+    out = Path(cfg.paths.output_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        if trainer.is_global_zero:
+            metrics.update(finish(final_eval, trainer, datamodule, clock, metrics, cfg, loggers))
     finally:
         finish_wandb(loggers)
         end_distributed(env)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     if trainer.is_global_zero:
-        out = Path(cfg.paths.output_dir)
         print(f"\nRun folder: {out}")
         if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "last_model_path", ""):
             print(f"  checkpoints: {Path(trainer.checkpoint_callback.dirpath)}  (last: {trainer.checkpoint_callback.last_model_path})")
@@ -123,4 +149,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"  {type(logger).__name__}: {logger.log_dir if hasattr(logger, 'log_dir') and logger.log_dir else logger.save_dir}")
         shown = {k: round(v, 5) for k, v in metrics.items() if k.startswith(("val/", "train/loss"))}
         print(f"  final metrics: {shown}")
+        quality = {k.removeprefix("final/"): round(v, 4) for k, v in metrics.items() if k.startswith("final/") and "/" not in k[6:]}
+        if quality:
+            print(f"  final quality ({cfg.final_eval.n} samples): {quality}")
+        print(f"  summary: {out / 'final.json'}")
     return metrics
+
+
+def finish(final_eval: FinalEval | None, trainer: L.Trainer, datamodule: Any, clock: RunClock, metrics: dict[str, float],
+           cfg: DictConfig, loggers: list) -> dict[str, float]:
+    """How the run ended, into <run>/final.json and the loggers: steps, time, images seen, val/loss and, with final_eval,
+    the final EMA weights (the run's last checkpoint) scored as evaluate.py scores them (per sample: scores.npz);
+    -> the final figures as final/<name>."""
+    out = Path(cfg.paths.output_dir)
+    training = {"train_steps": trainer.global_step, "train_seconds": round(clock.seconds, 2), "images_seen": clock.images,
+                "val_loss": metrics.get("val/loss")}
+    scored = final_eval(checkpoint_dir(trainer) / "last.ckpt", datamodule, trainer.strategy.root_device) if final_eval else None
+    row = None
+    if scored is not None:
+        row = score_row(final_eval.spec, scored.model, final_eval.n, final_eval.metrics_cfg.feature, scored.values, scored.seconds)
+        save_scores(out / "scores.npz", scored.samples, scored.context)
+    write_final(out, training, row, scored.values if scored else {}, cfg, loggers)
+    return {f"final/{k}": float(v) for k, v in (scored.values if scored else {}).items() if isinstance(v, float)}

@@ -86,6 +86,26 @@ class ClassAccuracy(MulticlassAccuracy):
         return per_class[support > 0].mean(), per_class, self.tp.sum().double() / support.sum().clamp(min=1)
 
 
+class Predictions(Metric):
+    """Every sample's label and predicted class, in sample order: what a bootstrap over the images resamples."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("labels", "predictions", "index"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, logits: Tensor, labels: Tensor, index: Tensor) -> None:
+        self.labels.append(labels.long())
+        self.predictions.append(logits.argmax(1))
+        self.index.append(index.long())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """-> (labels, predicted classes), in sample order."""
+        return _in_index_order(self.labels, self.index), _in_index_order(self.predictions, self.index)
+
+
 class PaletteStats(Metric):
     """Pixel-art statistics per image: the number of distinct RGB colours, and the share of its pixels that its
     ``top`` most frequent colours cover (real 16x16 sprites: a median of 8 colours, 100% covered by 16)."""
@@ -198,6 +218,7 @@ class SampleMetrics(nn.Module):
         self.kid = KernelDistance(kid_subsets, kid_subset_size, seed, sync_on_compute=sync)
         use_acc = conditional and classifier is not None and bool(class_names)
         self.acc = ClassAccuracy(len(self.class_names), sync_on_compute=sync) if use_acc else None
+        self.predictions = Predictions(sync_on_compute=sync) if use_acc else None
         self.palette = PaletteStats(sync_on_compute=sync)
         self.memo = NearestTrainDistance(train_images, sync_on_compute=sync) if train_images is not None else None
 
@@ -219,6 +240,7 @@ class SampleMetrics(nn.Module):
         self.kid.update(features, index, real=False)
         if self.acc is not None and labels is not None and logits is not None:
             self.acc.update(logits, labels)
+            self.predictions.update(logits, labels, index)
         if images.shape[1] == 3:
             self.palette.update(images)
         if self.memo is not None:
@@ -235,21 +257,27 @@ class SampleMetrics(nn.Module):
         if not self.palette.colors:
             self.palette.colors.append(torch.zeros(0, dtype=torch.long, device=device))
             self.palette.coverage.append(torch.zeros(0, device=device))
+        if self.predictions is not None and not self.predictions.labels:
+            for name in ("labels", "predictions", "index"):
+                getattr(self.predictions, name).append(torch.zeros(0, dtype=torch.long, device=device))
         if self.memo is not None and not self.memo.distance:
             self.memo.distance.append(torch.zeros(0, device=device))
             self.memo.nearest.append(torch.zeros(0, dtype=torch.long, device=device))
             self.memo.index.append(torch.zeros(0, dtype=torch.long, device=device))
 
     def compute(self) -> dict[str, Any]:
-        """Every rank must call this under DDP (the metric states are gathered); returns plain floats."""
+        """Every rank must call this under DDP (the metric states are gathered); returns plain floats, and per sample
+        (in sample order, keys starting with "_"): the features, labels, predicted classes and nearest-image distances."""
         self._fill_empty_states()
         kid, kid_std = self.kid.compute()
         out: dict[str, Any] = {"fd": float(self.fd.compute()), "kid": float(kid), "kid_std": float(kid_std)}
+        out["_features"] = _in_index_order(self.kid.fake_features, self.kid.fake_index).float().cpu()
         if self.acc is not None:
             balanced, per_class, weighted = self.acc.compute()
             out["cond_acc"] = float(balanced)
             out["cond_acc_weighted"] = float(weighted)
             out.update({f"cond_acc/{name}": float(a) for name, a in zip(self.class_names, per_class.tolist()) if a == a})
+            out["_labels"], out["_predictions"] = (v.cpu() for v in self.predictions.compute())
         out.update(self.palette.compute())
         if self.memo is not None:
             distance, nearest = self.memo.compute()
@@ -258,6 +286,6 @@ class SampleMetrics(nn.Module):
         return out
 
     def reset(self) -> None:
-        for m in (self.fd, self.kid, self.acc, self.palette, self.memo):
+        for m in (self.fd, self.kid, self.acc, self.predictions, self.palette, self.memo):
             if m is not None:
                 m.reset()

@@ -1,0 +1,451 @@
+"""The report of a sweep, or of any run folders: which configuration is better, by how much, and whether that beats the
+seed noise.
+
+    python -m difflab.report <sweep dir | run dir ...> [--baseline "schedule=linear"] [--out DIR] [--draws 1000]
+
+A train.py or evaluate.py -m sweep writes it into its sweep folder when it ends (SweepReport, conf/hydra/default.yaml;
+report.baseline=... on the sweep's command line). Runs are grouped by the overrides that differ between them, seed
+left out: the seeds of a configuration are pooled. Each figure gets a 95% interval: Student's t over seeds, or for a
+configuration of one run a bootstrap over its generated images (sampling noise only). Each configuration is compared
+with the baseline: the difference with its interval (paired by seed where the seeds match) and one word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.errors import DifflabError
+from difflab.metrics.intervals import (
+    FrechetToReal,
+    Interval,
+    balanced_accuracy,
+    bootstrap,
+    counts,
+    percentile_interval,
+    t_interval,
+    welch_interval,
+)
+
+log = logging.getLogger(__name__)
+
+# figure -> (title, lower is better); the first three get a verdict
+FIGURES = {"fd": ("FD", True), "cond_acc": ("balanced acc", False), "kid": ("KID", True), "memorized": ("memorized", True)}
+VERDICT_FIGURES = ("fd", "cond_acc", "kid")
+# overrides that do not make a configuration: where things go, how they are logged, what the report compares against
+NOT_A_SETTING = re.compile(r"^(seed|ckpt_path|logger|hydra\..*|hydra/.*|paths\..*|report\..*|trainer\.devices|trainer\.accelerator|"
+                           r"trainer\.enable_progress_bar|metrics\.(classifier_ckpt|classifiers_dir|cache_dir)|data\.(root|path))$")
+
+
+class ReportError(DifflabError, ValueError):
+    """Nothing to report on, or runs that cannot be compared."""
+
+
+@dataclass
+class Run:
+    folder: Path
+    kind: str  # "train" (final.json) or "evaluate" (result.json)
+    summary: dict[str, Any]
+    overrides: dict[str, str]
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return self.summary.get("row") or {}
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.summary.get("training") or {}
+
+    @property
+    def seed(self) -> int | None:
+        return (self.summary.get("config") or {}).get("seed")
+
+    @property
+    def data(self) -> str:
+        data = (self.summary.get("config") or {}).get("data") or {}
+        return f"{data.get('_target_', 'the checkpoint data')}{data.get('classes') or ''}"
+
+    @cached_property
+    def scores(self) -> dict[str, np.ndarray] | None:
+        path = self.folder / "scores.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    def draws(self, figure: str, n: int, seed: int) -> np.ndarray | None:
+        """Bootstrap draws of a figure over this run's generated images (resampled within each class)."""
+        s = self.scores
+        if s is None or n < 2:
+            return None
+        strata = s["labels"] if "labels" in s else np.zeros(len(s["features"]), dtype=np.int64)
+        if figure == "fd":
+            fd, features = FrechetToReal(s["real_mu"], s["real_sigma"]), s["features"]
+            return bootstrap(lambda i: fd.resampled(features, counts(i, len(features))), strata, n, seed)
+        if figure == "cond_acc" and "predictions" in s:
+            labels, predictions = s["labels"], s["predictions"]
+            return bootstrap(lambda i: balanced_accuracy(labels[i], predictions[i]), strata, n, seed)
+        return None
+
+    def curve(self, key: str) -> list[tuple[float, float, float]]:
+        """(seconds, images seen, value) at every validation that logged ``key`` (csv logs, all versions of a resumed run)."""
+        import csv
+
+        points = []
+        for path in sorted(self.folder.glob("csv/version_*/metrics.csv")):
+            with path.open() as f:
+                by_step: dict[str, dict[str, str]] = {}
+                for r in csv.DictReader(f):
+                    by_step.setdefault(r.get("step", ""), {}).update({k: v for k, v in r.items() if v not in ("", None)})
+            for r in by_step.values():
+                if r.get(key) and r.get("trainer/seconds") and r.get("trainer/images_seen"):
+                    points.append((float(r["trainer/seconds"]), float(r["trainer/images_seen"]), float(r[key])))
+        return sorted(points)
+
+
+def read_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Every finished run under the given folders (a sweep folder, run folders), in job order."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"{p}: no such folder; give a sweep folder (logs/train/multiruns/...) or run folders")
+        found += [f for f in sorted(p.rglob("*.json")) if f.name in ("final.json", "result.json") and f.parent.name != "wandb"]
+    runs = []
+    for path in sorted(dict.fromkeys(found), key=_job_order):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+        parsed = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
+        runs.append(Run(path.parent, "train" if path.name == "final.json" else "evaluate", summary,
+                        {k: v for k, v in parsed.items() if not NOT_A_SETTING.match(k)}))
+    if not runs:
+        raise ReportError(f"no finished runs (final.json or result.json) under {', '.join(map(str, paths))}: train or evaluate first")
+    return runs
+
+
+def _job_order(path: Path) -> tuple[float, str]:
+    # job folders are "<job number>_<overrides>": 2_... before 10_...
+    match = re.match(r"\d+", path.parent.name)
+    return (int(match.group()) if match else math.inf, str(path))
+
+
+@dataclass
+class Configuration:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    def values(self, figure: str) -> dict[int | None, float]:
+        return {r.seed: float(r.row[figure]) for r in self.runs if isinstance(r.row.get(figure), (int, float))}
+
+    def mean(self, key: str, source: str = "training") -> float | None:
+        found = [getattr(r, source).get(key) for r in self.runs]
+        found = [v for v in found if isinstance(v, (int, float))]
+        return float(np.mean(found)) if found else None
+
+
+def configurations(runs: list[Run]) -> list[Configuration]:
+    """Runs grouped by the overrides that differ between them (seed left out), in order of first appearance."""
+    kinds = {r.kind for r in runs}
+    if len(kinds) > 1:
+        raise ReportError("training runs and evaluate.py runs in one report: report on each kind of folder apart")
+    for what, key in (("feature networks", lambda r: r.row.get("feature")), ("data sets", lambda r: r.data)):
+        seen = {key(r) for r in runs if r.row}
+        if len(seen) > 1:
+            raise ReportError(f"these runs were scored on different {what} ({', '.join(sorted(map(str, seen)))}): their FD values "
+                              "are not comparable; report on runs of one kind")
+    keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    groups: dict[str, Configuration] = {}
+    for r in runs:
+        label = ",".join(f"{k}={r.overrides.get(k, '(default)')}" for k in varying) or "all runs"
+        groups.setdefault(label, Configuration(label)).runs.append(r)
+    return list(groups.values())
+
+
+def interval(config: Configuration, figure: str, draws: int) -> Interval | None:
+    values = config.values(figure)
+    if not values:
+        return None
+    if len(values) >= 2:
+        return t_interval(list(values.values()))
+    run = next(r for r in config.runs if r.seed in values)
+    found = run.draws(figure, draws, seed=0)
+    if found is None:
+        return Interval(next(iter(values.values())), math.nan, math.nan, "1 run, no interval")
+    return percentile_interval(values[run.seed], found, method=f"bootstrap over {len(run.scores['features'])} images")
+
+
+def difference(config: Configuration, base: Configuration, figure: str, draws: int) -> Interval | None:
+    """config - base: paired t over the seeds both ran (2 or more), Welch's t over unmatched seeds, or with a single run on
+    either side the bootstrap over images of each side (sampling noise only)."""
+    a, b = config.values(figure), base.values(figure)
+    if not a or not b:
+        return None
+    common = sorted(set(a) & set(b) - {None})
+    if len(a) >= 2 and len(b) >= 2:
+        if len(common) >= 2:
+            found = t_interval([a[s] - b[s] for s in common])
+            return Interval(found.value, found.lo, found.hi, f"paired t over {len(common)} seeds")
+        return welch_interval(list(a.values()), list(b.values()))
+    sides = []
+    for side, values in ((config, a), (base, b)):
+        runs = [r for r in side.runs if r.seed in values]
+        found = [r.draws(figure, draws, seed=i) for i, r in enumerate(runs)]
+        if any(d is None for d in found):
+            return Interval(float(np.mean(list(a.values())) - np.mean(list(b.values()))), math.nan, math.nan, "no interval")
+        sides.append(np.mean(found, axis=0))
+    value = float(np.mean(list(a.values())) - np.mean(list(b.values())))
+    seeds = min(len(a), len(b))
+    return percentile_interval(value, sides[0] - sides[1], method=f"bootstrap over images ({seeds} seed: sampling noise only)")
+
+
+def verdict(diff: Interval | None, figure: str) -> str:
+    if diff is None or math.isnan(diff.lo):
+        return "no interval"
+    if not diff.excludes_zero():
+        return "within noise"
+    lower_is_better = FIGURES[figure][1]
+    return "better" if (diff.hi < 0) == lower_is_better else "worse"
+
+
+def pick_baseline(configs: list[Configuration], baseline: str | None) -> Configuration:
+    if not baseline:
+        return configs[0]
+    wanted = [p.strip() for p in baseline.split(",") if p.strip()]
+    found = [c for c in configs if all(w in c.label.split(",") for w in wanted)]
+    if len(found) != 1:
+        names = "; ".join(c.label for c in configs)
+        raise ReportError(f"report.baseline={baseline!r} matches {len(found)} configurations; give one of: {names}")
+    return found[0]
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+
+
+def _with_interval(i: Interval | None) -> str:
+    if i is None:
+        return ""
+    return _fmt(i.value) + ("" if math.isnan(i.lo) else f" [{_fmt(i.lo)}, {_fmt(i.hi)}]")
+
+
+def _signed(i: Interval | None) -> str:
+    if i is None:
+        return ""
+    body = f"{i.value:+.3g}" + ("" if math.isnan(i.lo) else f" [{i.lo:+.3g}, {i.hi:+.3g}]")
+    return body
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path | None = None, baseline: str | None = None, draws: int = 1000,
+                 command: str | None = None) -> Path:
+    """report.md, curves.png and grids.png in ``out`` (default: the first folder); -> report.md."""
+    runs = read_runs(paths)
+    configs = configurations(runs)
+    base = pick_baseline(configs, baseline)
+    out = Path(out or paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    kind = runs[0].kind
+    figures = [f for f in FIGURES if any(f in r.row for r in runs)]
+
+    head = ["configuration", "seeds"] + (["steps", "wall time", "images seen", "val/loss"] if kind == "train" else [])
+    head += [FIGURES[f][0] for f in figures] + ["weakest class"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        cells = [c.label + (" (baseline)" if c is base else ""), str(len(c.runs))]
+        if kind == "train":
+            seconds = c.mean("train_seconds")
+            cells += [_fmt(c.mean("train_steps"), 6), _duration(seconds),
+                      _fmt(c.mean("images_seen"), 6), _fmt(c.mean("val_loss"))]
+        cells += [_with_interval(interval(c, f, draws)) for f in figures]
+        cells.append(_weakest(c))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    verdicts = ["| configuration | " + " | ".join(f"{FIGURES[f][0]}: difference [95%]" for f in VERDICT_FIGURES if f in figures)
+                + " | rests on |", "|" + "---|" * (2 + sum(f in figures for f in VERDICT_FIGURES))]
+    words = {}
+    for c in configs:
+        if c is base:
+            continue
+        cells, methods = [c.label], set()
+        for f in (f for f in VERDICT_FIGURES if f in figures):
+            diff = difference(c, base, f, draws)
+            words[(c.label, f)] = verdict(diff, f)
+            cells.append(f"{_signed(diff)} **{words[(c.label, f)]}**" if diff else "")
+            if diff is not None:
+                methods.add(diff.method)
+        cells.append("; ".join(sorted(methods)))
+        verdicts.append("| " + " | ".join(cells) + " |")
+
+    plots = _plots(configs, kind, out)
+    seeds = sorted({len(c.runs) for c in configs})
+    command = command or "python -m difflab.report " + " ".join(str(p) for p in paths) + (f' --baseline "{baseline}"' if baseline else "")
+    text = [f"# Report: {len(runs)} {'training runs' if kind == 'train' else 'evaluations'} in {len(configs)} configurations",
+            "", f"Folders: {', '.join(str(p) for p in paths)}. Seeds per configuration: {', '.join(map(str, seeds))}. "
+            f"Features: {runs[0].row.get('feature', '?')}, n = {runs[0].row.get('n', '?')} samples per run "
+            f"({runs[0].row.get('sampler', '?')} {runs[0].row.get('steps', '')} steps, guidance {runs[0].row.get('guidance', '?')}).",
+            "", f"Regenerate: `{command}`", "", "## Results", "", *lines, "",
+            f"## Against the baseline: {base.label}", ""]
+    text += verdicts if len(configs) > 1 else ["(one configuration: nothing to compare)"]
+    text += ["", *(f"![{name}]({name}.png)" for name in plots), "",
+             "Methods: intervals are 95%. With 2 or more seeds, Student's t over the seeds' values (a difference: the paired t "
+             "interval of the per-seed differences where both ran the same seeds, else Welch's). With one run, a percentile "
+             "bootstrap (resampling the generated images within each class, FD recomputed against the same real features): it "
+             "covers the sampling noise of that one model, not what another training seed would give. better / worse: the "
+             "interval of the difference excludes 0; within noise: it does not."]
+    path = out / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _weakest(c: Configuration) -> str:
+    per_class: dict[str, list[float]] = {}
+    for r in c.runs:
+        for k, v in r.row.items():
+            if k.startswith("cond_acc/"):
+                per_class.setdefault(k.split("/", 1)[1], []).append(float(v))
+    if not per_class:
+        return ""
+    name, values = min(per_class.items(), key=lambda kv: np.mean(kv[1]))
+    return f"{name} {np.mean(values):.2f}"
+
+
+def _plots(configs: list[Configuration], kind: str, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    made = []
+    if kind == "train":
+        panels = [("val/loss", "val/loss"), ("FD", "val/fd"), ("balanced accuracy", "val/cond_acc")]
+        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+        for row, (title, key) in enumerate(panels):
+            final = {"val/fd": "fd", "val/cond_acc": "cond_acc"}.get(key)
+            for c, color in zip(configs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+                for col, x_of in enumerate((lambda p: p[0] / 60, lambda p: p[1])):
+                    ax = axes[row][col]
+                    curves = [[(x_of(p), p[2]) for p in r.curve(key)] for r in c.runs]
+                    curves = [cv for cv in curves if cv]
+                    if curves:
+                        _band(ax, curves, color, c.label)
+                    if final:  # the final quality of each seed, at its end
+                        pts = [(x_of((r.training.get("train_seconds", 0), r.training.get("images_seen", 0))), r.row[final])
+                               for r in c.runs if final in r.row]
+                        if pts:
+                            ax.plot(*zip(*pts), "o", color=color, label=None if curves else c.label)
+                    ax.set_title(title)
+                    ax.set_xlabel("wall time (min)" if col == 0 else "images seen")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=90)
+        plt.close(fig)
+        made.append("curves")
+
+    grids = []
+    for c in configs:
+        run = c.runs[0]
+        found = sorted((run.folder / "samples").glob("epoch*_step*[0-9].png")) if kind == "train" else [run.folder / "samples.png"]
+        if found and found[-1].is_file():
+            grids.append((c.label, np.asarray(Image.open(found[-1]).convert("RGB"))))
+    if grids:
+        fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4), squeeze=False)
+        for ax, (label, image) in zip(axes[0], grids):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+        fig.suptitle("final samples, same noise (first seed of each configuration)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "grids.png", dpi=110)
+        plt.close(fig)
+        made.append("grids")
+    return made
+
+
+def _band(ax: Any, curves: list[list[tuple[float, float]]], color: str, label: str) -> None:
+    """The mean of the seeds' curves on a common x grid, with the band between the lowest and highest seed."""
+    lo, hi = max(cv[0][0] for cv in curves), min(cv[-1][0] for cv in curves)
+    if len(curves) == 1 or hi <= lo:  # one seed, or seeds whose curves do not overlap: each as it is
+        for i, cv in enumerate(curves):
+            ax.plot(*zip(*cv), ".-", color=color, alpha=0.8, label=label if i == 0 else None)
+        return
+    grid = np.linspace(lo, hi, 50)
+    ys = np.stack([np.interp(grid, *zip(*cv)) for cv in curves])
+    ax.plot(grid, ys.mean(0), color=color, label=f"{label} ({len(curves)} seeds)")
+    ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.2)
+
+
+class SweepReport(Callback):
+    """Hydra callback: when a -m sweep ends, its report (report.baseline= / report.draws= from the sweep's command line),
+    printed, and logged to the sweep's W&B group when it logged to W&B."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(str(config.hydra.sweep.dir))
+        settings = config.get("report") or {}
+        baseline = settings.get("baseline")
+        command = f"python -m difflab.report {folder}" + (f' --baseline "{baseline}"' if baseline else "")
+        try:
+            path = write_report([folder], folder, baseline, int(settings.get("draws", 1000)), command)
+        except DifflabError as err:
+            print(f"\nno sweep report: {err}")
+            return
+        print("\n" + path.read_text() + f"\nreport: {path}")
+        if "wandb" in (config.get("logger") or {}):
+            log_to_wandb(config, folder, path)
+
+
+def log_to_wandb(config: DictConfig, folder: Path, report: Path) -> None:
+    """The report (its text and plots) as a run of the sweep's W&B group (offline without a key)."""
+    import wandb
+
+    from difflab.loggers import use_wandb_offline_without_key
+
+    use_wandb_offline_without_key()
+    group = f"{config.hydra.job.name}-{folder.name}"  # as the runs' group (difflab_sweep_group)
+    run = wandb.init(project=config.logger.wandb.get("project", "difflab"), group=group, name=f"report-{folder.name}",
+                     job_type="report", dir=str(folder), reinit=True)
+    run.log({"report": wandb.Html(f"<pre>{report.read_text()}</pre>"),
+             **{f"report/{p.stem}": wandb.Image(str(p)) for p in sorted(folder.glob("*.png")) if p.stem in ("curves", "grids")}})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m difflab.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", help="a sweep folder, or run folders (train.py or evaluate.py runs)")
+    parser.add_argument("--baseline", help='the configuration to compare with, as key=value[,key=value] (default: the first)')
+    parser.add_argument("--out", help="where report.md and its plots go (default: the first folder)")
+    parser.add_argument("--draws", type=int, default=1000, help="bootstrap draws (default 1000)")
+    args = parser.parse_args(argv)
+    path = write_report(args.folders, args.out, args.baseline, args.draws)
+    print(path.read_text())
+    print(f"written: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    from difflab.cli import run
+
+    run(main)

@@ -1,0 +1,123 @@
+"""The sweep report on run folders with known answers: pooling seeds, paired and unpaired intervals, the bootstrap of a
+single run, verdicts, and the inputs it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from difflab.metrics.intervals import FrechetToReal
+from difflab.report import ReportError, configurations, read_runs, write_report
+
+D, N, CLASSES = 6, 300, 3
+RNG = np.random.default_rng(0)
+REAL = RNG.normal(size=(2000, D))
+REAL_MU, REAL_SIGMA = REAL.mean(0), np.cov(REAL, rowvar=False)
+
+
+def fake_run(root: Path, job: int, overrides: dict[str, object], seed: int, shift: float, hit_rate: float = 0.9,
+             feature: str = "classifier", data: str = "difflab.data.sprites.SpritesDataModule") -> Path:
+    """A finished training run: final.json, .hydra/overrides.yaml and scores.npz whose features are the real distribution
+    moved by ``shift`` (FD grows as shift^2 D) and whose classifier hits ``hit_rate`` of every class. The draws depend
+    on the seed alone, as a run's do: a setting that changes nothing gives the same figures at the same seed."""
+    rng = np.random.default_rng(seed)
+    folder = root / f"{job}_{','.join(f'{k}={v}' for k, v in overrides.items())},seed={seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in {**overrides, "seed": seed}.items()))
+    features = rng.normal(size=(N, D)) + shift
+    labels = np.arange(N) % CLASSES
+    predictions = np.where(rng.random(N) < hit_rate, labels, (labels + 1) % CLASSES)
+    np.savez(folder / "scores.npz", features=features, labels=labels, predictions=predictions, real_mu=REAL_MU, real_sigma=REAL_SIGMA)
+    acc = float(np.mean([(predictions[labels == c] == c).mean() for c in range(CLASSES)]))
+    row = {"sampler": "dpmpp", "steps": 15, "guidance": 2.0, "n": N, "feature": feature,
+           "fd": float(FrechetToReal(REAL_MU, REAL_SIGMA)(features)), "kid": shift**2, "cond_acc": acc, "memorized": 0.0}
+    training = {"train_steps": 100, "train_seconds": 60.0, "images_seen": 6400, "val_loss": 0.1}
+    (folder / "final.json").write_text(json.dumps({"training": training, "row": row, "config": {"seed": seed, "data": {"_target_": data}}}))
+    return folder
+
+
+def sweep(root: Path, shifts: dict[str, float], seeds=(0, 1, 2), hit_rates: dict[str, float] | None = None) -> Path:
+    job = 0
+    for value, shift in shifts.items():
+        for seed in seeds:
+            fake_run(root, job, {"schedule": value, "timesteps": 64}, seed, shift, (hit_rates or {}).get(value, 0.9))
+            job += 1
+    return root
+
+
+def verdict_line(report: Path, label: str) -> str:
+    return next(line for line in report.read_text().splitlines() if line.startswith(f"| {label} |") and "**" in line)
+
+
+def test_seeds_are_pooled_into_one_row_per_configuration(tmp_path):
+    runs = read_runs([sweep(tmp_path, {"linear": 0.0, "cosine": 0.0})])
+    configs = configurations(runs)
+    assert [c.label for c in configs] == ["schedule=linear", "schedule=cosine"]  # timesteps is the same everywhere: not a column
+    assert [sorted(r.seed for r in c.runs) for c in configs] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_a_clearly_worse_configuration_is_called_worse_and_a_no_op_within_noise(tmp_path):
+    report = write_report([sweep(tmp_path, {"linear": 0.05, "cosine": 0.05, "sigmoid": 1.0}, hit_rates={"sigmoid": 0.5})])
+    worse, same = verdict_line(report, "schedule=sigmoid"), verdict_line(report, "schedule=cosine")
+    assert worse.count("**worse**") == 3 and "paired t over 3 seeds" in worse  # FD, balanced accuracy, KID
+    assert "**within noise**" in same.split("|")[2] and "**within noise**" in same.split("|")[3]
+    table = report.read_text()
+    assert "| schedule=linear (baseline) | 3 |" in table and "Student's t" in table
+    assert (tmp_path / "curves.png").is_file() and "python -m difflab.report" in table
+
+
+def test_unmatched_seeds_use_welch_and_a_single_run_the_bootstrap(tmp_path):
+    a = tmp_path / "a"
+    for seed in (0, 1, 2):
+        fake_run(a, seed, {"schedule": "linear"}, seed, 0.05)
+    for seed in (5, 6):
+        fake_run(a, 10 + seed, {"schedule": "cosine"}, seed, 0.05)
+    assert "Welch t over 2 and 3 seeds" in verdict_line(write_report([a]), "schedule=cosine")
+    b = tmp_path / "b"
+    fake_run(b, 0, {"schedule": "linear"}, 0, 0.05)
+    fake_run(b, 1, {"schedule": "cosine"}, 0, 1.0)
+    line = verdict_line(write_report([b]), "schedule=cosine")
+    assert "bootstrap over images (1 seed: sampling noise only)" in line and "**worse**" in line.split("|")[2]
+    assert "bootstrap over 300 images" not in line and "[" in (b / "report.md").read_text().split("schedule=cosine |")[1]
+
+
+def test_a_single_runs_bootstrap_interval_covers_its_own_figure(tmp_path):
+    fake_run(tmp_path, 0, {"schedule": "linear"}, 0, 0.3)
+    from difflab.report import interval
+
+    (config,) = configurations(read_runs([tmp_path]))
+    fd = interval(config, "fd", draws=400)
+    assert fd.lo < fd.value < fd.hi and fd.method == "bootstrap over 300 images"
+    # FD of 300 draws from the shifted Gaussian: its spread over fresh draws is the bootstrap's target
+    fresh = [FrechetToReal(REAL_MU, REAL_SIGMA)(np.random.default_rng(s).normal(size=(N, D)) + 0.3) for s in range(200)]
+    assert fd.hi - fd.lo == pytest.approx(np.quantile(fresh, 0.975) - np.quantile(fresh, 0.025), rel=0.5)
+
+
+def test_a_report_refuses_what_it_cannot_compare(tmp_path):
+    with pytest.raises(ReportError, match="no finished runs"):
+        write_report([tmp_path])
+    fake_run(tmp_path / "f", 0, {"schedule": "linear"}, 0, 0.0)
+    fake_run(tmp_path / "f", 1, {"schedule": "cosine"}, 0, 0.0, feature="inception")
+    with pytest.raises(ReportError, match="different feature networks"):
+        write_report([tmp_path / "f"])
+    fake_run(tmp_path / "d", 0, {"schedule": "linear"}, 0, 0.0)
+    fake_run(tmp_path / "d", 1, {"schedule": "cosine"}, 0, 0.0, data="difflab.data.cifar10.CIFAR10DataModule")
+    with pytest.raises(ReportError, match="different data sets"):
+        write_report([tmp_path / "d"])
+    with pytest.raises(ReportError, match="matches 0 configurations; give one of: schedule=linear; schedule=cosine"):
+        write_report([sweep(tmp_path / "s", {"linear": 0.0, "cosine": 0.0}, seeds=(0,))], baseline="schedule=sigmoid")
+
+
+def test_the_cli_writes_the_report_of_any_run_folders_and_says_bad_input_in_one_line(tmp_path):
+    from support import run_script
+
+    root = sweep(tmp_path / "s", {"linear": 0.0, "cosine": 0.5}, seeds=(0, 1))
+    folders = sorted(str(p) for p in root.iterdir())  # runs named one by one, as runs from different days would be
+    result = run_script("-m", "difflab.report", *folders, "--out", str(tmp_path / "out"), "--baseline", "schedule=cosine")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| schedule=cosine (baseline) | 2 |" in (tmp_path / "out" / "report.md").read_text()
+    bad = run_script("-m", "difflab.report", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and bad.stderr.count("error: ") == 1 and "Traceback" not in bad.stderr
