@@ -74,7 +74,8 @@ def test_tensorboard_logger_gets_scalars_grids_and_the_config(tmp_path):
 
     cfg = compose_cfg([*TINY, "logger=tensorboard", "timesteps=64", "trainer.log_every_n_steps=1", "~callbacks.progress_bar",
                        "trainer.enable_progress_bar=false", "callbacks.sample_grid.every_n_epochs=1",
-                       "callbacks.sample_grid.sampling.steps=2", "callbacks.sample_grid.per_class=1"], tmp_path)
+                       "callbacks.sample_grid.sampling.steps=2", "callbacks.sample_grid.per_class=1", "final_eval=default",
+                       "final_eval.n=8", "final_eval.sampling.steps=2"], tmp_path)
     train(cfg)
     (folder,) = (tmp_path / "tensorboard").glob("version_*")
     events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
@@ -85,6 +86,9 @@ def test_tensorboard_logger_gets_scalars_grids_and_the_config(tmp_path):
     assert "samples/grid/caption/text_summary" in tags["tensors"]
     hparams = OmegaConf.load(folder / "hparams.yaml")
     assert hparams.timesteps == 64 and hparams.model._target_ == "difflab.nn.unet.UNet"
+    # the final quality beside the hyperparameters (TensorBoard's HParams view), in the events written at the end
+    last = EventAccumulator(str(sorted(folder.glob("events.out.tfevents.*"))[-1]), size_guidance={"scalars": 0}).Reload()
+    assert "final/fd" in last.Tags()["scalars"] and "_hparams_/session_start_info" in last.PluginTagToContent("hparams")
 
 
 def test_tiny_model_learns_real_sprites(tmp_path):

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -59,6 +60,7 @@ class Run:
     kind: str  # "train" (final.json) or "evaluate" (result.json)
     summary: dict[str, Any]
     overrides: dict[str, str]
+    _draws: dict[tuple[str, int], np.ndarray | None] = field(default_factory=dict, repr=False)
 
     @property
     def row(self) -> dict[str, Any]:
@@ -85,8 +87,15 @@ class Run:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
-    def draws(self, figure: str, n: int, seed: int) -> np.ndarray | None:
-        """Bootstrap draws of a figure over this run's generated images (resampled within each class)."""
+    def draws(self, figure: str, n: int) -> np.ndarray | None:
+        """Bootstrap draws of a figure over this run's generated images (resampled within each class), from a stream of
+        its own (runs are resampled independently), computed once."""
+        key = (figure, n)
+        if key not in self._draws:
+            self._draws[key] = self._bootstrap(figure, n, zlib.crc32(str(self.folder).encode()))
+        return self._draws[key]
+
+    def _bootstrap(self, figure: str, n: int, seed: int) -> np.ndarray | None:
         s = self.scores
         if s is None or n < 2:
             return None
@@ -116,14 +125,15 @@ class Run:
 
 
 def read_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Every finished run under the given folders (a sweep folder, run folders), in job order."""
+    """Every finished run under the given folders (a sweep folder, run folders), in the order given, a sweep's in job order."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
             raise ReportError(f"{p}: no such folder; give a sweep folder (logs/train/multiruns/...) or run folders")
-        found += [f for f in sorted(p.rglob("*.json")) if f.name in ("final.json", "result.json") and f.parent.name != "wandb"]
+        found += sorted((f for f in p.rglob("*.json") if f.name in ("final.json", "result.json") and f.parent.name != "wandb"),
+                        key=_job_order)
     runs = []
-    for path in sorted(dict.fromkeys(found), key=_job_order):
+    for path in dict.fromkeys(found):
         try:
             summary = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -172,7 +182,8 @@ def configurations(runs: list[Run]) -> list[Configuration]:
     varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
     groups: dict[str, Configuration] = {}
     for r in runs:
-        label = ",".join(f"{k}={r.overrides.get(k, '(default)')}" for k in varying) or "all runs"
+        # the run's own values of the varying keys (a key it leaves at its default is not named)
+        label = ",".join(f"{k}={r.overrides[k]}" for k in varying if k in r.overrides) or ("defaults" if varying else "all runs")
         groups.setdefault(label, Configuration(label)).runs.append(r)
     return list(groups.values())
 
@@ -184,7 +195,7 @@ def interval(config: Configuration, figure: str, draws: int) -> Interval | None:
     if len(values) >= 2:
         return t_interval(list(values.values()))
     run = next(r for r in config.runs if r.seed in values)
-    found = run.draws(figure, draws, seed=0)
+    found = run.draws(figure, draws)
     if found is None:
         return Interval(next(iter(values.values())), math.nan, math.nan, "1 run, no interval")
     return percentile_interval(values[run.seed], found, method=f"bootstrap over {len(run.scores['features'])} images")
@@ -205,7 +216,7 @@ def difference(config: Configuration, base: Configuration, figure: str, draws: i
     sides = []
     for side, values in ((config, a), (base, b)):
         runs = [r for r in side.runs if r.seed in values]
-        found = [r.draws(figure, draws, seed=i) for i, r in enumerate(runs)]
+        found = [r.draws(figure, draws) for r in runs]
         if any(d is None for d in found):
             return Interval(float(np.mean(list(a.values())) - np.mean(list(b.values()))), math.nan, math.nan, "no interval")
         sides.append(np.mean(found, axis=0))
@@ -287,8 +298,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, bas
         for f in (f for f in VERDICT_FIGURES if f in figures):
             diff = difference(c, base, f, draws)
             words[(c.label, f)] = verdict(diff, f)
-            cells.append(f"{_signed(diff)} **{words[(c.label, f)]}**" if diff else "")
-            if diff is not None:
+            word = words[(c.label, f)]
+            cells.append("" if diff is None else f"{_signed(diff)} (no interval)" if word == "no interval" else f"{_signed(diff)} **{word}**")
+            if diff is not None and word != "no interval":
                 methods.add(diff.method)
         cells.append("; ".join(sorted(methods)))
         verdicts.append("| " + " | ".join(cells) + " |")
