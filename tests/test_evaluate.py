@@ -162,16 +162,15 @@ def test_training_logs_sample_quality_equal_to_evaluate_py(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_runs_two_trials_minimising_val_fd(tiny, tmp_path):
+def test_optuna_search_runs_two_trials_minimising_the_final_fd(tmp_path):
     proc = run_script(
         "train.py", "hparams_search=sprites_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-        "debug=fast", "model=unet_tiny", "trainer.max_epochs=1", "~callbacks.sample_grid",
-        "~callbacks.progress_bar", "callbacks.sample_quality.n=16", "callbacks.sample_quality.sampling.batch_size=8", "callbacks.sample_quality.sampling.steps=2",
-        f"callbacks.sample_quality.metrics.classifier_ckpt={tiny['classifier']}", f"callbacks.sample_quality.metrics.cache_dir={tiny['cache']}",
-        "callbacks.sample_quality.metrics.kid_subsets=5", f"hydra.sweep.dir={tmp_path}", timeout=900)
+        "debug=fast", "model=unet_tiny", "trainer.max_epochs=1", "~callbacks.sample_grid", "~callbacks.progress_bar",
+        f"hydra.sweep.dir={tmp_path}", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_value" in best and "optim.optimizer.lr" in best
+    assert "2 training runs in 2 configurations" in (tmp_path / "report.md").read_text()
 
 
 def test_evaluate_warns_when_the_data_files_changed_since_training(tiny, tmp_path, caplog):

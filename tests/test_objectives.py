@@ -10,7 +10,7 @@ from difflab.diffusion import q_sample
 from difflab.errors import ConfigError
 from difflab.model import DiffusionModel
 from difflab.objectives import EDMPreconditioning, EpsPrediction, MinSNR, Uniform, VPrediction, X0Prediction
-from difflab.samplers import DDIMSampler, HeunSampler
+from difflab.samplers import DDIMSampler, HeunSampler, UniPCSampler
 from difflab.sampling import SamplingSpec, generate
 from difflab.schedules import CosineSchedule, LinearSchedule, sigma_to_t, signal_noise_at, vp_sigmas
 
@@ -101,7 +101,7 @@ def test_sampling_a_perfect_predictor_of_any_kind_lands_on_x0(objective: str) ->
             eps = (x_in - a * x0) / sig
             return {"eps": eps, "x0": x0.expand_as(x_in), "v": a * eps - sig * x0}[objective]
 
-    for sampler in (DDIMSampler(10, clip_x0=False), HeunSampler(8)):
+    for sampler in (DDIMSampler(10, clip_x0=False), HeunSampler(8), UniPCSampler(6, clip_x0=False)):
         model = DiffusionModel(Oracle(), s, obj)
         out = generate(model, SamplingSpec(sampler, guidance=0, precision="32", palette=None), None, 2).images
         torch.testing.assert_close(out, x0, rtol=0, atol=2e-3)

@@ -611,3 +611,40 @@ def test_guidance_interval_in_sigma_maps_to_timesteps() -> None:
     for t in (199, 200, 600, 601):
         denoise(torch.zeros(1, 3, 2, 2), torch.full((1,), t))
     assert [guided for _, guided in seen] == [False, True, True, False]
+
+
+# ---- UniPC ----
+
+
+@pytest.mark.parametrize("kind,beta_schedule", SCHEDULES)
+@pytest.mark.parametrize("steps", [5, 10])
+@pytest.mark.parametrize("order,variant", [(2, "bh2"), (2, "bh1"), (3, "bh2")])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_unipc_matches_diffusers_step_by_step(kind, beta_schedule, steps, order, variant, spacing) -> None:
+    """Every step's sample (the predictor's x_t, as both hand it on) against diffusers' UniPCMultistepScheduler with
+    its alpha_bar in float64 (its sigmas are still float32: set_timesteps casts them)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from difflab.samplers import UniPCSampler
+
+    T = 1000
+    s = schedule(kind, T)
+    model = gaussian_model(s, wiggle=0.3)
+    x_T = torch.randn(SHAPE, generator=gen(0))
+    ours = UniPCSampler(steps=steps, order=order, variant=variant, spacing=spacing, clip_x0=False).sample(model, s, x_T, record_every=1)
+    ref = UniPCMultistepScheduler(num_train_timesteps=T, beta_schedule=beta_schedule, solver_order=order, solver_type=variant,
+                                  predict_x0=True, lower_order_final=True, timestep_spacing=spacing, final_sigmas_type="zero")
+    ref.alphas_cumprod = torch.cumprod(1 - ref.betas.double(), 0)
+    ref.set_timesteps(steps)
+    assert ours.chain_t[:-1] == ref.timesteps.tolist()
+    x = x_T.clone()
+    for i, t in enumerate(ref.timesteps):
+        x = ref.step(model(x, t), t, x).prev_sample
+        if variant == "bh1" and i == steps - 1:
+            # diffusers' bh1 multiplies B(h) = -h = -inf by an empty sum at the step to the clean image (NaN); the step is
+            # first order there: x_0 = the data prediction, which ours returns
+            close(ours.chain[-1], ours.x0_chain[-1], 0.0)
+            continue
+        close(ours.chain[i + 1], x, 2e-5)
+    assert torch.isfinite(ours.images).all() and float(ours.images.abs().max()) > 0.5
+

@@ -11,7 +11,7 @@ from difflab.errors import ConfigError
 from difflab.model import DiffusionModel
 from difflab.nn.unet import UNet
 from difflab.objectives import EpsPrediction
-from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, HeunSampler
+from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, HeunSampler, UniPCSampler
 from difflab.sampling import ImageNoise, SamplePlan, SamplingSpec, generate, image_seed, proportional_labels
 from difflab.schedules import LinearSchedule
 from difflab.train import build_module
@@ -26,6 +26,7 @@ SAMPLERS = {
     "ddim_eta1": (["sampler=ddim", "steps=4", "sampler.eta=1.0"], lambda: DDIMSampler(4, eta=1.0)),
     "dpmpp": (["sampler=dpmpp", "steps=4"], lambda: DPMSolverPP2MSampler(4)),
     "heun": (["sampler=heun", "steps=3"], lambda: HeunSampler(3)),
+    "unipc": (["sampler=unipc", "steps=4"], lambda: UniPCSampler(4)),
 }
 
 

@@ -75,6 +75,10 @@ class Run:
         return (self.summary.get("config") or {}).get("seed")
 
     @property
+    def key(self) -> int | str:
+        return self.seed if self.seed is not None else str(self.folder)
+
+    @property
     def data(self) -> str:
         data = (self.summary.get("config") or {}).get("data") or {}
         return f"{data.get('_target_', 'the checkpoint data')}{data.get('classes') or ''}"
@@ -159,8 +163,9 @@ class Configuration:
     label: str
     runs: list[Run] = field(default_factory=list)
 
-    def values(self, figure: str) -> dict[int | None, float]:
-        return {r.seed: float(r.row[figure]) for r in self.runs if isinstance(r.row.get(figure), (int, float))}
+    def values(self, figure: str) -> dict[int | str, float]:
+        """By seed (runs with seed=null by their folder: they pair with nothing)."""
+        return {r.key: float(r.row[figure]) for r in self.runs if isinstance(r.row.get(figure), (int, float))}
 
     def mean(self, key: str, source: str = "training") -> float | None:
         found = [getattr(r, source).get(key) for r in self.runs]
@@ -194,11 +199,11 @@ def interval(config: Configuration, figure: str, draws: int) -> Interval | None:
         return None
     if len(values) >= 2:
         return t_interval(list(values.values()))
-    run = next(r for r in config.runs if r.seed in values)
+    run = next(r for r in config.runs if r.key in values)
     found = run.draws(figure, draws)
     if found is None:
         return Interval(next(iter(values.values())), math.nan, math.nan, "1 run, no interval")
-    return percentile_interval(values[run.seed], found, method=f"bootstrap over {len(run.scores['features'])} images")
+    return percentile_interval(values[run.key], found, method=f"bootstrap over {len(run.scores['features'])} images")
 
 
 def difference(config: Configuration, base: Configuration, figure: str, draws: int) -> Interval | None:
@@ -207,7 +212,7 @@ def difference(config: Configuration, base: Configuration, figure: str, draws: i
     a, b = config.values(figure), base.values(figure)
     if not a or not b:
         return None
-    common = sorted(set(a) & set(b) - {None})
+    common = sorted(k for k in set(a) & set(b) if isinstance(k, int))
     if len(a) >= 2 and len(b) >= 2:
         if len(common) >= 2:
             found = t_interval([a[s] - b[s] for s in common])
@@ -215,7 +220,7 @@ def difference(config: Configuration, base: Configuration, figure: str, draws: i
         return welch_interval(list(a.values()), list(b.values()))
     sides = []
     for side, values in ((config, a), (base, b)):
-        runs = [r for r in side.runs if r.seed in values]
+        runs = [r for r in side.runs if r.key in values]
         found = [r.draws(figure, draws) for r in runs]
         if any(d is None for d in found):
             return Interval(float(np.mean(list(a.values())) - np.mean(list(b.values()))), math.nan, math.nan, "no interval")

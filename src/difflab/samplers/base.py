@@ -42,6 +42,16 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     return [int(t) for t in ts]
 
 
+def solver_timesteps(T: int, steps: int, spacing: str) -> list[int]:
+    """The timesteps of a multistep ODE solver that ends at the clean image (diffusers' DPM-Solver and UniPC): with
+    linspace, steps + 1 points from T-1 down to 0, the final 0 replaced by the clean image (so at most T-1 steps, checked
+    as typed); trailing and leading as spaced_timesteps."""
+    if spacing == "linspace":
+        check_steps(T, steps, reserved=1)
+        return sorted(set(spaced_timesteps(T, steps + 1, "linspace")[:-1]), reverse=True)
+    return spaced_timesteps(T, steps, spacing)
+
+
 def check_steps(T: int, steps: int, reserved: int = 0) -> None:
     """1 <= steps <= T - reserved: a sampler that spends ``reserved`` of the T timesteps elsewhere allows fewer."""
     most = T - reserved

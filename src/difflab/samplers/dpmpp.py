@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.samplers.base import Noise, Sampler, alpha_bar, check_settings, check_steps, spaced_timesteps
+from difflab.samplers.base import Noise, Sampler, alpha_bar, check_settings, solver_timesteps
 from difflab.schedules import NoiseSchedule
 
 
@@ -25,13 +25,7 @@ class DPMSolverPP2MSampler(Sampler):
         self._last: tuple[Tensor, Tensor] | None = None  # (x0, lambda) of the previous step
 
     def timesteps(self, T: int) -> list[int]:
-        if self.spacing == "linspace":
-            # steps + 1 points from T-1 down to 0, the final 0 replaced by the clean image (diffusers' default): the
-            # steps as typed are checked here, as the points are one more and t=0 is one of the T timesteps
-            check_steps(T, self.steps, reserved=1)
-            ts = spaced_timesteps(T, self.steps + 1, "linspace")[:-1]
-            return sorted(set(ts), reverse=True)
-        return spaced_timesteps(T, self.steps, self.spacing)
+        return solver_timesteps(T, self.steps, self.spacing)
 
     def reset(self) -> None:
         self._last = None
