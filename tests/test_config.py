@@ -151,7 +151,9 @@ def test_sampling_defaults_agree_between_sample_evaluate_and_the_callbacks(tmp_p
     found = [{k: c[k] for k in SamplingSpec.FIELDS if k != "batch_size"} for c in nodes]
     assert all(f == found[0] for f in found), found
     assert [c.batch_size for c in nodes] == [256, 256, 256, 128]  # 128: the callback's 256 samples in two chunks (two DDP ranks)
-    assert found[0]["sampler"]["_target_"] == "difflab.samplers.DPMSolverPP2MSampler" and found[0]["guidance"] == 2.0
+    # sampler=auto: DPM-Solver++ 15 for a diffusion model, consistency sampling in 2 steps for a consistency model
+    assert found[0]["sampler"]["diffusion"]["_target_"] == "difflab.samplers.DPMSolverPP2MSampler" and found[0]["guidance"] == 2.0
+    assert found[0]["sampler"]["diffusion"]["steps"] == 15 and found[0]["sampler"]["consistency"]["steps"] == 2
 
 
 def test_a_sampling_value_may_interpolate_the_entry_points_config(tmp_path):

@@ -56,7 +56,7 @@ def test_evaluate_writes_its_row_and_reference(tiny, tmp_path, capsys):
         assert isinstance(result["row"][key], float), key
     assert {f"cond_acc/{c}" for c in CLASSES} <= set(result["row"])
     assert result["reference"]["n"] == 382 and "memorized" in result["reference"]
-    assert result["config"]["sampler"]["steps"] == 15  # the full config as given (dpmpp, the default); the effective steps are in the row
+    assert result["config"]["sampler"]["diffusion"]["steps"] == 15  # the full config as given (sampler=auto: dpmpp for this model); the effective steps are in the row
     with open(tmp_path / "results.csv") as f:
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["fd"]) == pytest.approx(row["fd"]) and csv_row["config/metrics.feature"] == "classifier"

@@ -207,3 +207,27 @@ def test_init_from_pretrained_fine_tunes_the_shipped_weights(tmp_path):
         train(compose_cfg(overrides, tmp_path / name))
     first = [next(float(r["train/loss"]) for r in read_metrics(tmp_path / name) if r["train/loss"]) for name in runs]
     assert first[1] < 0.5 * first[0], first
+
+
+def test_consistency_tuning_resumes_exactly_and_samples_in_two_calls_by_default(trained, tmp_path):
+    """experiment=sprites_consistency from a trained model: the stage curriculum advances (stage_steps=2), a run cut after
+    its first epoch resumes bit for bit (the teacher is read again from init_from), and sample.py with no sampler
+    settings samples it with consistency sampling in 2 steps."""
+    from difflab.checkpoint import load_checkpoint
+
+    common = ["experiment=sprites_consistency", f"init_from={trained}", "model=unet_tiny", "model.dropout=0.1", "timesteps=100",
+              "data.limit=48", "data.batch_size=8", "trainer.max_epochs=2", "trainer.max_time=null", "trainer.limit_val_batches=1",
+              "trainer.log_every_n_steps=1", "objective.stage_steps=2", "trainer.precision=32", *QUIET]
+    train(compose_cfg(common, tmp_path / "straight"))
+    train(compose_cfg([*common, "trainer.max_epochs=1"], tmp_path / "cut"))
+    train(compose_cfg(common, tmp_path / "cut"))  # ckpt_path=auto: continues the cut run
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "cut"))
+    assert a["global_step"] == b["global_step"] == 12
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+    stages = sorted({float(r["train/stage"]) for r in read_metrics(tmp_path / "straight") if r.get("train/stage")})
+    assert stages == [0.0, 1.0, 2.0, 3.0]  # max_stage 3
+    assert not any(k.startswith("teacher") for k in a["state_dict"])  # the teacher is read from init_from, never saved
+    assert any(k.startswith("target_net.") for k in a["state_dict"])  # the slow target network is: resumed above
+    sample(tmp_path / "straight", tmp_path / "out", "label=all", "n=2")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["sampler"] == "consistency" and meta["steps"] == 2 and meta["guidance"] == 2.0

@@ -13,17 +13,20 @@ from torch import nn
 from difflab.config import PROJECT_ROOT
 from difflab.errors import CheckpointError  # noqa: F401  (re-exported: callers import it from here)
 
-# the shipped model (data/pretrained/MODEL_CARD.md): ckpt=pretrained, init_from=pretrained
+# the shipped models (data/pretrained/MODEL_CARD.md): ckpt=pretrained, init_from=pretrained; ckpt=pretrained_fast (its
+# consistency-tuned twin, 1 to 4 network calls per sprite)
 PRETRAINED = PROJECT_ROOT / "data" / "pretrained" / "sprites.ckpt"
+PRETRAINED_FAST = PROJECT_ROOT / "data" / "pretrained" / "sprites_fast.ckpt"
 
 
 def resolve_checkpoint(spec: str | Path, search_dir: str | Path) -> Path:
     """A .ckpt file, a run folder (its checkpoints/last.ckpt), "last": the newest last.ckpt under search_dir, or
-    "pretrained": the shipped sprites model."""
-    if str(spec) == "pretrained":
-        if not PRETRAINED.is_file():
-            raise CheckpointError(f"the shipped pretrained model is missing: {PRETRAINED} (restore it with `git checkout data/pretrained`)")
-        return PRETRAINED
+    "pretrained" / "pretrained_fast": the shipped sprites models."""
+    shipped = {"pretrained": PRETRAINED, "pretrained_fast": PRETRAINED_FAST}.get(str(spec))
+    if shipped is not None:
+        if not shipped.is_file():
+            raise CheckpointError(f"the shipped {spec} model is missing: {shipped} (restore it with `git checkout data/pretrained`)")
+        return shipped
     if str(spec) == "last":
         found = sorted(Path(search_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:

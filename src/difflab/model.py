@@ -78,7 +78,14 @@ class DiffusionModel:
     def denoiser(self, context: Tensor | None = None, guidance: Guidance | None = None) -> Denoiser:
         """eps_theta(x_t, t) for a batch with contexts (B, K) (None: unconditional), guided as ``guidance`` says (None:
         the plain conditional network)."""
-        output = (guidance or Guidance()).output(self.net, context, self.schedule)
+        guidance = guidance or Guidance()
+        distilled = self.objective.distilled_guidance
+        if distilled is not None:  # a consistency model: the guidance is in its weights, one plain network call
+            if (guidance.scale, guidance.interval, guidance.rescale) != (distilled, None, 0.0):
+                raise ConfigError(f"{self.source or 'this model'} has guidance {distilled:g} distilled in: sample it with "
+                                  f"guidance={distilled:g} and no guidance_interval or guidance_rescale, or sample the model it was tuned from")
+            guidance = Guidance()
+        output = guidance.output(self.net, context, self.schedule)
         return self.objective.eps_denoiser(output, self.schedule)
 
     @property

@@ -60,9 +60,8 @@ class DiffusionModule(L.LightningModule):
     def _prepare(self, x0: Tensor) -> Tensor:
         return x0.contiguous(memory_format=torch.channels_last) if self.channels_last else x0
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, context = batch
-        x0 = self._prepare(x0)
+    def step_loss(self, x0: Tensor, context: Tensor) -> Tensor:
+        """Per-sample training loss (B,) of a batch."""
         b = x0.shape[0]
         objective = self.model.objective
         t = objective.sample_t(self.schedule, b, x0.device)
@@ -71,10 +70,14 @@ class DiffusionModule(L.LightningModule):
         if self.conditional:
             # context dropout: the null context trains the unconditional branch of guidance
             keep = torch.rand(b, device=x0.device) >= self.p_uncond
-            loss = objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
-        else:
-            loss = objective.loss(net, self.schedule, x0, t, noise)
-        loss = loss.mean()
+            return objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
+        return objective.loss(net, self.schedule, x0, t, noise)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, context = batch
+        x0 = self._prepare(x0)
+        b = x0.shape[0]
+        loss = self.step_loss(x0, context).mean()
         if self.trainer.world_size == 1 and not torch.isfinite(loss):
             # (under DDP a rank's non-finite loss reaches every rank as a non-finite gradient norm, checked below)
             raise self._diverged("train/loss", loss)

@@ -28,6 +28,7 @@ from difflab.guidance import Guidance
 from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
 from difflab.model import DiffusionModel
 from difflab.samplers.base import SampleOutput, Sampler
+from difflab.samplers.consistency import ConsistencySampler
 from difflab.validate import integer
 
 PRECISIONS = ("auto", "32", "bf16")
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class SamplingSpec:
-    """How to sample, checked once here: the sampler (conf/sampler/, with ``steps`` replacing its own steps), guidance
+    """How to sample, checked once here: the sampler (conf/sampler/, with ``steps`` replacing its own steps; auto: one
+    node per kind of model, DPM-Solver++ for a diffusion model and consistency sampling for a consistency model), guidance
     (scale, noise-level interval, CFG rescale), the inference precision, the output stage, the seed and the batch size.
 
     precision: 32 | bf16 (a bf16 copy of the weights; the sampler's update math stays float32) | auto (bf16 where the
@@ -62,7 +64,11 @@ class SamplingSpec:
         self.guidance = Guidance(guidance, _plain(guidance_interval), guidance_rescale)
         if isinstance(sampler, Sampler) and steps is not None:
             raise ConfigError(f"steps={steps} with a built {type(sampler).__name__}: give the steps to the sampler itself")
-        self.sampler = sampler if isinstance(sampler, Sampler) else instantiate(self._with_steps(_plain(sampler)))
+        sampler = sampler if isinstance(sampler, Sampler) else _plain(sampler)
+        # sampler=auto (conf/sampler/auto.yaml): one node per kind of model, built for the model that is sampled
+        self.auto = sampler if isinstance(sampler, dict) and "_target_" not in sampler else None
+        self.sampler = None if self.auto else sampler if isinstance(sampler, Sampler) else instantiate(self._with_steps(sampler))
+        self._built: dict[str, Sampler] = {}
 
     def _with_steps(self, sampler: dict[str, Any]) -> dict[str, Any]:
         # steps= is the number of denoising steps of samplers that take one; samplers that run all T steps (ddpm) ignore it
@@ -88,9 +94,25 @@ class SamplingSpec:
             precision = "bf16" if fast else "32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
+    def sampler_for(self, model: DiffusionModel) -> Sampler:
+        """The sampler that samples ``model``: the one asked for, or with sampler=auto the one for its kind; a consistency
+        model takes consistency sampling, and only it does."""
+        few_step = model.objective.distilled_guidance is not None
+        kind = "consistency" if few_step else "diffusion"
+        if self.auto is not None and kind not in self._built:
+            self._built[kind] = instantiate(self._with_steps(self.auto[kind]))
+        sampler = self._built[kind] if self.auto is not None else self.sampler
+        if isinstance(sampler, ConsistencySampler) and not few_step:
+            raise ConfigError(f"sampler=consistency samples consistency models only; {model.source or 'this model'} is a diffusion "
+                              "model: tune one (python train.py experiment=sprites_consistency init_from=<it>) or choose another sampler")
+        if few_step and not isinstance(sampler, ConsistencySampler):
+            raise ConfigError(f"{model.source or 'this model'} is a consistency model: sample it with sampler=consistency "
+                              f"(or sampler=auto), not {sampler.name or type(sampler).__name__}")
+        return sampler
+
     def steps_on(self, model: DiffusionModel) -> int:
         """The steps the sampler takes on this model's schedule (DDPM: all T)."""
-        return len(self.sampler.timesteps(model.schedule.timesteps))
+        return len(self.sampler_for(model).timesteps(model.schedule.timesteps))
 
     def palette_for(self, model: DiffusionModel) -> str | None:
         if self.palette == "auto":
@@ -111,8 +133,9 @@ class SamplingSpec:
     def record(self, model: DiffusionModel) -> dict[str, Any]:
         """The request as it applies to ``model`` (JSON): in sample.py's meta.json and evaluate.py's run key."""
         palette = self.palette_for(model)
-        name = self.sampler.name or type(self.sampler).__name__.removesuffix("Sampler").lower()
-        return {"sampler": name, "sampler_settings": self.sampler.settings(), "steps": self.steps_on(model),
+        sampler = self.sampler_for(model)
+        name = sampler.name or type(sampler).__name__.removesuffix("Sampler").lower()
+        return {"sampler": name, "sampler_settings": sampler.settings(), "steps": self.steps_on(model),
                 "steps_requested": self.steps, "guidance": self.guidance.scale,
                 "guidance_interval": list(self.guidance.interval) if self.guidance.interval else None,
                 "guidance_rescale": self.guidance.rescale, "precision": self.precision,
@@ -170,6 +193,7 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
     if len(index) != n or (contexts is not None and len(contexts) != n):
         raise ValueError(f"generate: n={n}, but {len(index)} indices and {len(contexts) if contexts is not None else 0} contexts")
     device = model.device
+    sampler = spec.sampler_for(model)
     runner = model.for_inference(spec.dtype(device))
     was_training = model.net.training
     runner.net.eval()
@@ -179,7 +203,7 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
             noise = ImageNoise(spec.seed, index[start : start + spec.batch_size].tolist())
             ctx = contexts[start : start + spec.batch_size].to(device) if contexts is not None else None
             x_T = noise.randn(model.image_shape, device)
-            parts.append(spec.sampler.sample(runner.denoiser(ctx, spec.guidance), model.schedule, x_T, noise, record_every, progress))
+            parts.append(sampler.sample(runner.denoiser(ctx, spec.guidance), model.schedule, x_T, noise, record_every, progress))
     finally:
         model.net.train(was_training)
     images = torch.cat([p.images.cpu() for p in parts])

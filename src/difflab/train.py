@@ -29,6 +29,12 @@ from difflab.validate import check_trainer_config, integer
 log = logging.getLogger(__name__)
 
 
+def prediction_target(objective: dict | None) -> str | None:
+    """The class whose output the network learns (a consistency objective's parametrisation; weightings aside)."""
+    objective = objective or {}
+    return (objective.get("prediction") or objective).get("_target_")
+
+
 def end_distributed(env_before_fit: dict[str, str]) -> None:
     """Lightning leaves the DDP process group and its launch variables (MASTER_PORT, LOCAL_RANK, ...)
     behind; the next job of a sweep in this process must start its own ranks."""
@@ -93,14 +99,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if "wandb" in (cfg.get("logger") or {}):
         use_wandb_offline_without_key()
 
+    if cfg.get("require_init_from") and not cfg.get("init_from"):
+        raise ConfigError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     module.model.data = {**datamodule.identity(), "choice": hydra_choice("data")}
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}; {module.model.objective}")
 
-    if cfg.get("require_init_from") and not cfg.get("init_from"):
-        raise ConfigError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
     ckpt_path = checkpoint_to_resume(cfg)
     if ckpt_path is not None:
         check_compatible(module, load_checkpoint(ckpt_path)["state_dict"], f"checkpoint {ckpt_path}")
@@ -112,9 +118,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_compatible(module.net, weights, f"init_from checkpoint {init}")
         module.net.load_state_dict(weights)
         log.info(f"fine-tuning from the EMA weights of {init}")
-        if saved["difflab_config"].get("objective") != module.model.config.get("objective"):
-            log.warning(f"init_from: {init} was trained with objective {saved['difflab_config'].get('objective')}, this run trains "
-                        f"{module.model.config.get('objective')}: the network starts from another prediction target")
+        before, now = prediction_target(saved["difflab_config"].get("objective")), prediction_target(module.model.config.get("objective"))
+        if before != now:
+            log.warning(f"init_from: {init} was trained to predict with {before}, this run trains {now}: the network starts "
+                        "from another prediction target")
 
     # checked now, not after the training; final_eval=none leaves no _target_ (debug=fast may still set its n)
     final_eval = instantiate(cfg.final_eval) if "_target_" in (cfg.get("final_eval") or {}) else None

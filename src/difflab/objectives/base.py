@@ -13,6 +13,9 @@ from difflab.schedules import NoiseSchedule, signal_noise_at
 
 
 class Objective(ABC):
+    # the guidance scale trained into the network (a consistency model's), None for a plain diffusion model
+    distilled_guidance: float | None = None
+
     def sample_t(self, s: NoiseSchedule, batch: int, device: torch.device | str) -> Tensor:
         # t ~ Uniform{0, ..., T-1}
         return sample_timesteps(batch, s.timesteps, torch.device(device))

@@ -33,6 +33,10 @@ class Prediction(Objective):
         """The network's output as eps."""
 
     @abstractmethod
+    def to_x0(self, s: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The network's output as x_0."""
+
+    @abstractmethod
     def x0_units(self, snr: Tensor) -> Tensor:
         """The MSE of this target per unit of x_0 MSE at the same x_t (what min-SNR weighting divides by)."""
 
@@ -54,6 +58,10 @@ class EpsPrediction(Prediction):
     def to_eps(self, s: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
         return out
 
+    def to_x0(self, s: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        a, sig = coefs(s, t, x_t)
+        return (x_t - sig * out) / a  # x_0 = (x_t - s eps) / a
+
     def x0_units(self, snr: Tensor) -> Tensor:
         return snr  # |eps_hat - eps|^2 = SNR |x0_hat - x_0|^2
 
@@ -71,6 +79,9 @@ class X0Prediction(Prediction):
         a, sig = coefs(s, t, x_t)
         return (x_t - a * out) / sig  # eps = (x_t - a x_0) / s
 
+    def to_x0(self, s: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        return out
+
     def x0_units(self, snr: Tensor) -> Tensor:
         return snr.new_ones(snr.shape)
 
@@ -85,6 +96,10 @@ class VPrediction(Prediction):
     def to_eps(self, s: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
         a, sig = coefs(s, t, x_t)
         return sig * x_t + a * out  # eps = s x_t + a v
+
+    def to_x0(self, s: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        a, sig = coefs(s, t, x_t)
+        return a * x_t - sig * out  # x_0 = a x_t - s v
 
     def x0_units(self, snr: Tensor) -> Tensor:
         return snr + 1  # |v_hat - v|^2 = (SNR + 1) |x0_hat - x_0|^2
