@@ -1,28 +1,133 @@
-"""Ship a trained model: python -m difflab.export <checkpoint | run dir | last> <out.ckpt>
+"""Ship a trained model: python -m difflab.export <checkpoint | run dir | last | pretrained> <out> [--format ckpt|onnx]
 
-Writes the EMA weights in float16 with the run config (difflab.checkpoint.export_weights): what sample.py,
-evaluate.py and init_from= read, at a quarter of a training checkpoint's size. data/pretrained/sprites.ckpt was
-made this way (data/pretrained/MODEL_CARD.md).
+ckpt (the default): <out>, the EMA weights in float16 with the run config (difflab.checkpoint.export_weights): what
+sample.py, evaluate.py and init_from= read, at a quarter of a training checkpoint's size. data/pretrained/sprites.ckpt
+was made this way (data/pretrained/MODEL_CARD.md).
+
+onnx: <out>.onnx, a sprite generator that runs without PyTorch (noise and class indices in, images out: the whole
+sampling loop of the chosen sampler unrolled, difflab.generator), and <out>.json, what a caller needs around it: class
+names, image shape, noise draws per image, the sampling record and the output stage (examples/onnx_sprites.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import warnings
 from pathlib import Path
+from typing import Any
 
-from difflab.checkpoint import export_weights, resolve_checkpoint
+from difflab.checkpoint import CheckpointError, export_weights, load_checkpoint, resolve_checkpoint
 from difflab.config import PROJECT_ROOT
+from difflab.errors import ConfigError
+
+ONNX_PINS = "onnx==1.23.2 onnxruntime==1.31.1"  # as in requirements.txt (tests/test_export_onnx.py checks)
+OPSET = 18
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m difflab.export", description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt", help="a .ckpt, a training run folder, or last")
-    parser.add_argument("out", type=Path, help="where to write the shipped checkpoint")
+    parser.add_argument("ckpt", help="a .ckpt, a training run folder, last or pretrained")
+    parser.add_argument("out", type=Path, help="the shipped checkpoint (ckpt), or the stem of <out>.onnx and <out>.json (onnx)")
+    parser.add_argument("--format", choices=("ckpt", "onnx"), default="ckpt")
+    onnx = parser.add_argument_group("onnx", "the sampling baked into the graph")
+    onnx.add_argument("--sampler", default="auto", help="a conf/sampler/ name (default auto: dpmpp 15 steps, or consistency 2 "
+                      "steps for a consistency model)")
+    onnx.add_argument("--steps", type=int, help="the sampler's steps (default: its own)")
+    onnx.add_argument("--guidance", type=float, help="guidance scale (default 2; a consistency model: its distilled one)")
+    onnx.add_argument("--batch", type=int, help="a fixed batch size (default: any batch size at run time)")
     args = parser.parse_args(argv)
     src = resolve_checkpoint(args.ckpt, PROJECT_ROOT / "logs" / "train")
-    out = export_weights(src, args.out)
-    print(f"{out}: EMA weights of {src} ({out.stat().st_size / 1e6:.1f} MB)")
-    return out
+    if args.format == "ckpt":
+        given = [f"--{k}" for k in ("steps", "guidance", "batch") if getattr(args, k) is not None] + \
+            (["--sampler"] if args.sampler != "auto" else [])
+        if given:
+            raise ConfigError(f"{', '.join(given)} set the sampling of an ONNX generator: add --format onnx")
+        out = export_weights(src, args.out)
+        print(f"{out}: EMA weights of {src} ({out.stat().st_size / 1e6:.1f} MB)")
+        return out
+    onnx_path, meta_path = export_onnx(src, args.out, args.sampler, args.steps, args.guidance, args.batch)
+    print(f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {meta_path}: a sprite generator from {src}")
+    return onnx_path
+
+
+def sampling_spec(sampler: str, steps: int | None, guidance: float | None, precision: str = "32") -> Any:
+    """The SamplingSpec sample.py builds from sampler=<name> steps=N guidance=W precision=P (32: the graph's)."""
+    from hydra import compose, initialize_config_dir
+
+    from difflab.sampling import SamplingSpec
+
+    names = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "sampler").glob("*.yaml"))
+    if sampler not in names:
+        raise ConfigError(f"--sampler {sampler}: choose one of {', '.join(names)}")
+    overrides = [f"sampler={sampler}", f"precision={precision}"] + ([f"steps={steps}"] if steps is not None else []) + \
+        ([f"guidance={guidance}"] if guidance is not None else [])
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return SamplingSpec.from_config(compose("sample", overrides))
+
+
+def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None = None, guidance: float | None = None,
+                batch: int | None = None) -> tuple[Path, Path]:
+    """<out>.onnx and <out>.json for the EMA weights of checkpoint ``src``; nothing is written when a check fails."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise ConfigError(f"--format onnx needs the onnx package: pip install {ONNX_PINS}") from err
+    import torch
+
+    from difflab.generator import SpriteGenerator
+    from difflab.model import load_model
+
+    saved = load_checkpoint(src)
+    if "current_model_state" not in saved and "difflab_export" not in saved:
+        # net_state_dict would hand out the raw training weights under the EMA name
+        raise CheckpointError(f"{src} holds no EMA weights (trained without callbacks.ema): export a checkpoint of a run "
+                              "with the EMA callback (the default callbacks), or fine-tune one with it")
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--batch {batch}: must be an integer >= 1 (or leave it out for any batch size)")
+    model = load_model(src, ema=True)
+    distilled = model.objective.distilled_guidance
+    spec = sampling_spec(sampler, steps, distilled if guidance is None and distilled is not None else guidance)
+    generator = SpriteGenerator(model, spec).eval()
+    record = spec.record(model)  # also checks the sampler against the model
+    palette = spec.palette_for(model)  # auto: sprite for pixel art, else none
+    c, h, w = model.image_shape
+    conditional = model.num_classes > 0
+    inputs, outputs = (["noise", "labels"] if conditional else ["noise"]), ["images", "pixels"]
+    stem = out.with_suffix("") if out.suffix in (".onnx", ".json") else out
+    onnx_path, meta_path = Path(f"{stem}.onnx"), Path(f"{stem}.json")
+    axis = "batch" if batch is None else batch
+    meta = {
+        "onnx": onnx_path.name, "source": src.name, "class_names": model.class_names if conditional else [],
+        "inputs": {"noise": [axis, generator.draws, c, h, w], **({"labels": [axis]} if conditional else {})},
+        "image_shape": [c, h, w], "noise_draws": generator.draws, "batch": batch, "sampling": record,
+        "output_stage": {"palette": "sprite", "colors": spec.palette_colors} if palette else None,
+    }
+    trace_batch = batch or 2  # 2 images, so no size-1 special case is baked into a graph meant for any batch size
+    noise = torch.zeros(trace_batch, generator.draws, c, h, w)
+    args = (noise, torch.zeros(trace_batch, dtype=torch.long)) if conditional else (noise,)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    try:
+        with warnings.catch_warnings():
+            # the tracer warns at every Python number it bakes in (timesteps, schedule terms): constant by design
+            warnings.simplefilter("ignore")
+            # dynamo=False, the TorchScript exporter: torch.export (the default) specialises the batch axis at guidance's
+            # chunk(2) and wrote 8x larger files here (weights folded per step); this one keeps one initializer per weight
+            with torch.no_grad():
+                torch.onnx.export(generator, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=inputs,
+                                  output_names=outputs,
+                                  dynamic_axes=None if batch else {name: {0: "batch"} for name in inputs + outputs})
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto)
+        onnx.helper.set_model_props(proto, {"difflab": json.dumps(meta)})
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, onnx_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return onnx_path, meta_path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""python -m difflab.export --format onnx: the sampling loop as one ONNX graph, run by onnxruntime without PyTorch.
+
+The models are tiny UNets (model=unet_tiny, T=100) with random weights (the output conv starts at zero, so every
+weight is perturbed: outputs depend on every layer), saved as shipped checkpoints: what export reads, no training.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from difflab.cli import run
+from difflab.config import PROJECT_ROOT, to_container
+from difflab.export import ONNX_PINS, main, sampling_spec
+from difflab.generator import SpriteGenerator, exportable
+from difflab.images import snap_to_palette, to_uint8
+from difflab.model import build_model, load_model
+from difflab.sampling import ImageNoise, generate
+
+from support import compose_cfg, reorder_tol
+
+EXAMPLE = PROJECT_ROOT / "examples" / "onnx_sprites.py"
+LABELS = torch.tensor([0, 2, 5, 3])
+
+
+def save_model(root: Path, name: str, overrides: list[str], ema: bool = True) -> Path:
+    model = build_model(to_container(compose_cfg(["model=unet_tiny", "timesteps=100", *overrides], root / name)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    saved = {"state_dict": {f"net.{k}": v for k, v in model.net.state_dict().items()}, "difflab_config": model.config,
+             "class_names": model.class_names}
+    if ema:
+        saved["difflab_export"] = {"source": "test"}  # as export_weights writes: the state_dict is the EMA weights
+    path = root / f"{name}.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """name -> (checkpoint, .onnx): sampler auto (dpmpp 15 steps, guidance 2 / consistency 2 steps, its distilled 2)."""
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name, overrides, extra in (("diffusion", [], []), ("consistency", ["objective=consistency"], []),
+                                   ("uncond", ["model.num_classes=0"], ["--batch", "3", "--sampler", "ddim", "--steps", "4"])):
+        ckpt = save_model(root, name, overrides)
+        out[name] = (ckpt, main([str(ckpt), str(root / name), "--format", "onnx", *extra]))
+    return out
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # tiny graphs on a shared machine
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def chain_tol(net: nn.Module, peak: float, steps: int, guidance: float, gain: float) -> float:
+    """How far the ONNX and PyTorch samples may differ: the same float32 math in other kernels, step after step.
+
+    One network evaluation: the kernels differ in their order of summation, reorder_tol(peak, layers, width) with the
+    network's weight layers (an upper bound on its depth), its largest fan-in (or token count, for attention) and its
+    largest output ``peak``. Guidance, (1 + w) out_c - w out_u, adds the errors of both branches: x (1 + 2|w|). The
+    sampler turns eps into x_0 = (x_t - sigma_t eps) / alpha_t: x ``gain`` = max sigma_t / alpha_t over the visited t
+    (v-prediction's x_0 = alpha_t x_t - sigma_t v is within it). DPM-Solver++(2M) combines the new and the last x_0
+    with |1 + 1/2r| + |1/2r| = 1 + 1/r ~ 2 (r ~ 1 on linspace steps): x 2. x_t's error is carried with sigma_prev /
+    sigma_t < 1, clipping and re-noising are 1-Lipschitz, and a stable solver carries earlier errors with gain about 1
+    (the network's Jacobian is not bounded here: reorder_tol's x4 headroom covers it), so the steps add: x steps.
+    Measured here: about 1e-6, against bounds of 3e-2 (15 guided DPM-Solver++ steps) and 7e-4 (2 consistency steps)."""
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    width = max(max(m.weight[0].numel() for m in layers), net.image_size**2)
+    return steps * (1 + 2 * abs(guidance)) * gain * 2 * reorder_tol(torch.tensor(peak), len(layers), width)
+
+
+def assert_pixels_close(pixels: np.ndarray, ref_pixels: torch.Tensor, images: np.ndarray, ref_images: torch.Tensor) -> None:
+    """uint8 (B, H, W, C) of images (B, C, H, W): |round(127.5 a) - round(127.5 b)| <= floor(127.5 |a - b|) + 1 (the
+    clamp is 1-Lipschitz), so within one level wherever the float images are within 1/127.5."""
+    gap = np.floor(127.5 * np.abs(images - ref_images.numpy())).transpose(0, 2, 3, 1)
+    assert (np.abs(pixels.astype(int) - ref_pixels.numpy().astype(int)) <= gap + 1).all()
+
+
+def reference(ckpt: Path, noise: torch.Tensor, labels: torch.Tensor | None) -> tuple[SpriteGenerator, torch.Tensor, torch.Tensor, float]:
+    """The export's generator run by PyTorch on the same inputs -> (generator, images, pixels, tolerance)."""
+    model = load_model(ckpt)
+    distilled = model.objective.distilled_guidance
+    generator = SpriteGenerator(model, sampling_spec("auto", None, distilled)).eval()
+    outputs = []
+    hook = model.net.register_forward_hook(lambda m, i, o: outputs.append(float(o.abs().max())))
+    with torch.no_grad():
+        images, pixels = generator(noise, labels)
+    hook.remove()
+    ts = generator.sampler.timesteps(model.schedule.timesteps)
+    ab = model.schedule.alphas_cumprod[ts].double()
+    gain = float(((1 - ab) / ab).sqrt().max())
+    w = 0.0 if distilled is not None else generator.spec.guidance.scale  # a consistency model: one plain network call
+    return generator, images, pixels, chain_tol(model.net, max(outputs), len(ts), w, gain)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "consistency"])
+def test_onnx_images_equal_pytorch_on_the_same_noise(exported, name):
+    ckpt, onnx_path = exported[name]
+    meta = json.loads(onnx_path.with_suffix(".json").read_text())
+    noise = torch.randn(len(LABELS), meta["noise_draws"], 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    generator, images, pixels, tol = reference(ckpt, noise, LABELS)
+    expected_draws = {"diffusion": 1, "consistency": 2}[name]  # DPM-Solver++ draws x_T only; 2-step consistency re-noises once
+    assert generator.draws == meta["noise_draws"] == expected_draws
+    assert meta["sampling"]["sampler"] == {"diffusion": "dpmpp", "consistency": "consistency"}[name]
+    assert meta["sampling"]["steps"] == {"diffusion": 15, "consistency": 2}[name] and meta["sampling"]["guidance"] == 2.0
+    assert meta["output_stage"] == {"palette": "sprite", "colors": 16} and meta["class_names"][0] == "hero"
+    onnx_images, onnx_pixels = session(onnx_path).run(None, {"noise": noise.numpy(), "labels": LABELS.numpy()})
+    assert onnx_pixels.dtype == np.uint8 and onnx_pixels.shape == (4, 16, 16, 3)
+    assert np.abs(onnx_images - images.numpy()).max() <= tol
+    assert_pixels_close(onnx_pixels, pixels, onnx_images, images)
+    assert torch.equal(pixels, to_uint8(images).permute(0, 2, 3, 1))
+    # the bound still tells a wrong sampling apart: no guidance, or x_T's draw reused for the re-noising
+    model = generator.model
+    wrong = SpriteGenerator(model, sampling_spec("auto", None, 0.0)).eval() if name == "diffusion" else generator
+    with torch.no_grad():
+        other, _ = wrong(noise if name == "diffusion" else noise[:, [0, 0]], LABELS)
+    assert (other - images).abs().max() > 2 * tol
+    # any batch size: the first image alone is the same image
+    one, _ = session(onnx_path).run(None, {"noise": noise[:1].numpy(), "labels": LABELS[:1].numpy()})
+    assert np.abs(one[0] - images[0].numpy()).max() <= tol
+
+
+@pytest.mark.parametrize("name", ["diffusion", "consistency"])
+def test_onnx_on_per_image_streams_equals_generate(exported, name):
+    """With the D draws of each image's own stream (ImageNoise), in the order generate() makes them (x_T, then the
+    sampler's), the graph makes generate()'s images: the export samples as the project does."""
+    ckpt, onnx_path = exported[name]
+    meta = json.loads(onnx_path.with_suffix(".json").read_text())
+    model = load_model(ckpt)
+    spec = sampling_spec("auto", None, model.objective.distilled_guidance)
+    streams = ImageNoise(spec.seed, range(len(LABELS)))
+    noise = torch.stack([streams.randn(model.image_shape) for _ in range(meta["noise_draws"])], 1)
+    *_, tol = reference(ckpt, noise, LABELS)
+    out = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float())
+    onnx_images, onnx_pixels = session(onnx_path).run(None, {"noise": noise.numpy(), "labels": LABELS.numpy()})
+    assert np.abs(onnx_images - out.images.numpy()).max() <= tol
+    assert_pixels_close(onnx_pixels, to_uint8(out.images).permute(0, 2, 3, 1), onnx_images, out.images)
+    # the example's output stage is difflab.images.snap_to_palette, the one generate() applied
+    example = runpy.run_path(str(EXAMPLE))
+    raw = to_uint8(out.images)
+    assert np.array_equal(example["snap_to_palette"](raw.permute(0, 2, 3, 1).numpy(), 16), snap_to_palette(raw).permute(0, 2, 3, 1).numpy())
+    assert torch.equal(out.pixels, snap_to_palette(raw))
+
+
+def imported_modules(stderr: str) -> set[str]:
+    # -X importtime: "import time: self | cumulative | module" per import
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:") and "|" in line}
+
+
+def test_example_makes_a_png_without_torch(exported, tmp_path):
+    _, onnx_path = exported["diffusion"]
+    out = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, "-X", "importtime", str(EXAMPLE), str(onnx_path), "--label", "all", "--n", "2",
+                             "--seed", "3", "--out", str(out), "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = imported_modules(result.stderr)
+    assert "onnxruntime" in modules and not [m for m in modules if m.split(".")[0] in ("torch", "difflab")]
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (6 * 68 + 4, 2 * 68 + 4, 3)  # 6 classes x 2 sprites of 16 px, 4x, 4 px gaps
+    sprite = grid[4:68, 4:68]
+    assert len(np.unique(sprite.reshape(-1, 3), axis=0)) <= 16  # the palette stage
+
+
+def test_fixed_batch_unconditional_export(exported, tmp_path):
+    _, onnx_path = exported["uncond"]
+    meta = json.loads(onnx_path.with_suffix(".json").read_text())
+    inputs = session(onnx_path).get_inputs()
+    assert [i.name for i in inputs] == ["noise"] and inputs[0].shape == [3, meta["noise_draws"], 3, 16, 16]
+    assert meta["class_names"] == [] and meta["batch"] == 3 and meta["sampling"]["steps"] == 4
+    alone = tmp_path / "alone.onnx"  # no .json beside it: the example reads the record from the graph's metadata
+    shutil.copy(onnx_path, alone)
+    out = tmp_path / "u.png"
+    result = subprocess.run([sys.executable, str(EXAMPLE), str(alone), "--n", "5", "--out", str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.asarray(Image.open(out)).shape == (68 + 4, 5 * 68 + 4, 3)  # 5 sprites from two chunks of the fixed 3
+
+
+def test_example_without_onnxruntime_names_the_pin(exported, tmp_path):
+    _, onnx_path = exported["diffusion"]
+    code = (f"import sys, runpy; sys.modules['onnxruntime'] = None; sys.argv = ['onnx_sprites.py', {str(onnx_path)!r}, "
+            f"'--out', {str(tmp_path / 'x.png')!r}]; runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == "error: this example needs onnxruntime: pip install onnxruntime==1.31.1"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_pins_match_requirements():
+    pinned = set((PROJECT_ROOT / "requirements.txt").read_text().split())
+    assert set(ONNX_PINS.split()) <= pinned
+    assert runpy.run_path(str(EXAMPLE))["ORT_PIN"] in pinned
+
+
+def run_export(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """python -m difflab.export <args>, as its __main__ runs it (difflab.cli.run), in this process."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: main(args))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,args,expected", [
+    ("no_ema", [], "holds no EMA weights (trained without callbacks.ema)"),
+    ("heun", ["--sampler", "heun"], f"sampler heun runs its own loop and cannot be exported: choose one of {', '.join(exportable())}"),
+    ("no_onnx", [], f"--format onnx needs the onnx package: pip install {ONNX_PINS}"),
+    ("unknown", ["--sampler", "euler"], "--sampler euler: choose one of auto, consistency, ddim, ddpm, dpmpp, heun, unipc"),
+    ("steps", ["--steps", "0"], "steps=0: must be an integer >= 1"),
+    ("ckpt_format", ["--steps", "5", "--format", "ckpt"], "--steps set the sampling of an ONNX generator: add --format onnx"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, monkeypatch, case, args, expected):
+    ckpt = exported["diffusion"][0]
+    if case == "no_ema":  # a training checkpoint of a run without the EMA callback: its state_dict is the raw weights
+        saved = torch.load(ckpt, weights_only=True)
+        del saved["difflab_export"]
+        ckpt = tmp_path / "raw.ckpt"
+        torch.save(saved, ckpt)
+    if case == "no_onnx":
+        monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    out = tmp_path / "out"
+    code, err = run_export([str(ckpt), str(out), *(["--format", "onnx"] if case != "ckpt_format" else []), *args], capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err[-2000:]
+    assert not list(tmp_path.glob("out*"))
