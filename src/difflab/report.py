@@ -256,6 +256,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
 
 
+def _count(x: float | None) -> str:
+    return "" if x is None or math.isnan(x) else f"{x:,.0f}"  # a mean over seeds of whole numbers: 752, not 752.333
+
+
 def _with_interval(i: Interval | None) -> str:
     if i is None:
         return ""
@@ -287,8 +291,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, bas
         cells = [c.label + (" (baseline)" if c is base else ""), str(len(c.runs))]
         if kind == "train":
             seconds = c.mean("train_seconds")
-            cells += [_fmt(c.mean("train_steps"), 6), _duration(seconds),
-                      _fmt(c.mean("images_seen"), 6), _fmt(c.mean("val_loss"))]
+            cells += [_count(c.mean("train_steps")), _duration(seconds), _count(c.mean("images_seen")), _fmt(c.mean("val_loss"))]
         cells += [_with_interval(interval(c, f, draws)) for f in figures]
         cells.append(_weakest(c))
         lines.append("| " + " | ".join(cells) + " |")
@@ -384,17 +387,20 @@ def _plots(configs: list[Configuration], kind: str, out: Path) -> list[str]:
 
     grids = []
     for c in configs:
-        run = c.runs[0]
-        found = sorted((run.folder / "samples").glob("epoch*_step*[0-9].png")) if kind == "train" else [run.folder / "samples.png"]
-        if found and found[-1].is_file():
-            grids.append((c.label, np.asarray(Image.open(found[-1]).convert("RGB"))))
+        # the lowest seed that left a final grid (a run skipped as finished by an older version may have none)
+        for run in sorted(c.runs, key=lambda r: (r.seed is None, r.seed or 0)):
+            found = sorted((run.folder / "samples").glob("epoch*_step*[0-9].png")) if kind == "train" else [run.folder / "samples.png"]
+            if found and found[-1].is_file():
+                seed = f" ({'training ' if kind == 'train' else ''}seed {run.seed})" if run.seed is not None else ""
+                grids.append((c.label + seed, np.asarray(Image.open(found[-1]).convert("RGB"))))
+                break
     if grids:
-        fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(grids), figsize=(max(3.2 * len(grids), 4.8), 3.6), squeeze=False)
         for ax, (label, image) in zip(axes[0], grids):
             ax.imshow(image, interpolation="nearest")
             ax.set_title(label, fontsize=8)
             ax.axis("off")
-        fig.suptitle("final samples, same noise (first seed of each configuration)", fontsize=9)
+        fig.suptitle("final samples, the same sampling noise in every panel", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "grids.png", dpi=110)
         plt.close(fig)
