@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,16 +25,7 @@ from difflab.config import PROJECT_ROOT, register_resolvers
 from difflab.export import export_onnx, sampling_spec
 from difflab.model import load_model
 from difflab.sampling import generate
-
-
-def cpu_name() -> str:
-    """The CPU model and whether it has AMX (the bf16 matrix units PyTorch's oneDNN kernels use)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
-    return name + (" (AMX)" if "amx_tile" in info else " (no AMX)")
+from report import cpu_name  # bench/report.py (python bench/export_speed.py puts bench/ on the path)
 
 
 def timed(work, repeats: int) -> float:

@@ -12,7 +12,6 @@ network calls, FD, balanced and per-class accuracy, colours, seconds per 64 spri
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,25 +25,17 @@ import torch  # noqa: E402
 from difflab.metrics.summary import collect  # noqa: E402
 from difflab.model import load_model  # noqa: E402
 from difflab.sampling import SamplingSpec, generate  # noqa: E402
+from report import cpu_name  # noqa: E402  (bench/report.py: python bench/quality_vs_time.py puts bench/ on the path)
 
 SAMPLERS = {"ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)", "heun": "Heun (EDM)", "unipc": "UniPC (bh2)", "consistency": "consistency",
             "ddpm": "DDPM"}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                return line.split(":", 1)[1].strip() + (" (AMX)" if "amx_tile" in flags else " (no AMX)")
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def seconds_per_64(row: dict, models: dict, repeats: int) -> tuple[float, int]:
     """Median seconds for 64 sprites with this row's request; the network calls one sprite costs."""
-    model = models.setdefault(row["ckpt"], load_model(row["ckpt"]))
+    if row["ckpt"] not in models:  # each checkpoint loaded once for all its rows
+        models[row["ckpt"]] = load_model(row["ckpt"])
+    model = models[row["ckpt"]]
     sampler = {"_target_": f"difflab.samplers.{_CLASSES[row['sampler']]}", "steps": row["steps_requested"] or row["steps"]}
     if row["sampler"] == "ddpm":
         sampler.pop("steps")

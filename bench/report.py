@@ -48,6 +48,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def cpu_name() -> str:
+    """The CPU model and whether it has AMX (the bf16 matrix units PyTorch's oneDNN kernels use)."""
+    info = machine_info(torch.device("cpu"))
+    return f"{info['cpu_model']} ({'AMX' if 'amx_tile' in info['cpu_features'] else 'no AMX'})"
+
+
 def fmt_rate(s: dict[str, float] | None) -> str:
     """median (IQR q1-q3)."""
     if not s:

@@ -15,9 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
 from difflab.errors import ConfigError
-from difflab.model import DiffusionModel, build_model
+from difflab.model import DiffusionModel, load_model
 from difflab.module import DiffusionModule
 from difflab.objectives import Consistency
 
@@ -32,19 +31,14 @@ class ConsistencyTuning(DiffusionModule):
             raise ConfigError("consistency tuning starts from a trained model: add init_from=<checkpoint | run dir | pretrained>")
         # no context dropout: the student learns the guided samples of each class, the null context is not used
         super().__init__(model, optimizer, lr_scheduler, p_uncond=0.0, channels_last=channels_last, compile=compile)
-        path = resolve_checkpoint(teacher, Path(search_dir))
-        saved = load_checkpoint(path)
-        taught = saved["difflab_config"].get("objective") or {}
+        taught_by = load_model(teacher, ema=True, search_dir=Path(search_dir))
+        taught = (taught_by.config.get("objective") or {}).get("_target_")
         own = model.config["objective"]["prediction"]["_target_"]
-        if taught.get("_target_") != own:
-            raise ConfigError(f"init_from {path} predicts with {taught.get('_target_')}, the consistency model would read its "
-                              f"output as {own}: set objective.prediction._target_={taught.get('_target_')}")
-        built = build_model(saved["difflab_config"], saved.get("class_names"))
-        weights = net_state_dict(saved, ema=True)
-        check_compatible(built.net, weights, f"teacher checkpoint {path}")
-        built.net.load_state_dict(weights)
+        if taught != own:
+            raise ConfigError(f"init_from {taught_by.source} predicts with {taught}, the consistency model would read its "
+                              f"output as {own}: set objective.prediction._target_={taught}")
         # a plain attribute, not a submodule: never trained, averaged or saved (it moves with the module in on_fit_start)
-        self.__dict__["teacher"] = built.net.requires_grad_(False).eval()
+        self.__dict__["teacher"] = taught_by.net.requires_grad_(False)
         # the slow copy of the network that makes the targets (target_ema > 0): a child, so checkpoints keep it and a
         # resumed run continues with it (loaders read net.* only)
         self.target_net = copy.deepcopy(model.net).requires_grad_(False) if model.objective.target_ema > 0 else None

@@ -122,10 +122,10 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
     record = spec.record(model)
     stage = spec.output_stage(model)  # palette=data: the model's training images, read before sampling
-    n_steps = record["steps"]
+    n_steps, sampler_name = record["steps"], type(spec.sampler_for(model)).__name__
     record_every = max(1, n_steps // cfg.frames) if cfg.gif else 0
     n_total = contexts.shape[0] if contexts is not None else cfg.n
-    log.info(f"sampling {n_total} images with {type(spec.sampler_for(model)).__name__} ({n_steps} steps) from {model.source} on {device}")
+    log.info(f"sampling {n_total} images with {sampler_name} ({n_steps} steps) from {model.source} on {device}")
     start = time.perf_counter()
     out = generate(model, spec, contexts, n_total, record_every=record_every, progress=True, stage=stage)
     if device.type == "cuda":
@@ -150,7 +150,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
             "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     files["meta"] = folder / "meta.json"
-    print(f"\n{n_total} images in {seconds:.2f} s ({n_total / seconds:.1f} img/s), {n_steps} {type(spec.sampler_for(model)).__name__} steps")
+    print(f"\n{n_total} images in {seconds:.2f} s ({n_total / seconds:.1f} img/s), {n_steps} {sampler_name} steps")
     print(f"  rows: {'; '.join(captions)}")
     for name, path in files.items():
         print(f"  {name:9s} {path}")

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from difflab.diffusion import Denoiser, predict_eps_from_x0, predict_x0_from_eps, q_sample
+from difflab.diffusion import Denoiser, predict_eps_from_x0, q_sample
 from difflab.errors import ConfigError
+from difflab.guidance import guided_output
 from difflab.objectives.base import Objective
 from difflab.objectives.prediction import Prediction
 from difflab.schedules import NoiseSchedule
@@ -65,13 +66,8 @@ class Consistency(Objective):
 
     def teacher_step(self, teacher: nn.Module, s: NoiseSchedule, x_t: Tensor, t: Tensor, r: Tensor, context: Tensor | None) -> Tensor:
         """x_r from x_t by one DDIM step of the teacher guided with w (x_0 clipped to the data range, as the samplers do)."""
-        if context is None:
-            out = teacher(x_t, t).float()
-        else:
-            keep = torch.arange(2 * len(x_t), device=x_t.device) < len(x_t)
-            out_c, out_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, context]), keep).float().chunk(2)
-            out = out_c + self.distilled_guidance * (out_c - out_u)  # eps = eps_c + w (eps_c - eps_u), on any affine output
-        x0 = predict_x0_from_eps(s, x_t, t, self.prediction.to_eps(s, x_t, t, out)).clamp(-1, 1)
+        out = guided_output(teacher, context, self.distilled_guidance)(x_t, t)  # out_c + w (out_c - out_u)
+        x0 = self.prediction.to_x0(s, x_t, t, out).clamp(-1, 1)
         eps = predict_eps_from_x0(s, x_t, t, x0)
         ab_r = torch.where(r >= 0, s.alphas_cumprod[r.clamp(min=0)], torch.ones_like(s.alphas_cumprod[0])).to(x_t.dtype)
         ab_r = ab_r.reshape(-1, *[1] * (x_t.ndim - 1))
