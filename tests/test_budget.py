@@ -15,15 +15,15 @@ class FakeClock:
     """0.1 s per step, a 10 s budget: the real Timer (1 h) never fires, so the test is deterministic. From step
     ``since`` on, ``per_step`` seconds a step (a resumed run on a slower machine)."""
 
-    def __init__(self, trainer, per_step: float = 0.1, since: int = 0) -> None:
-        self.trainer, self.per_step, self.since = trainer, per_step, since
+    def __init__(self, trainer, per_step: float = 0.1, since: int = 0, budget: float = 10.0) -> None:
+        self.trainer, self.per_step, self.since, self.budget = trainer, per_step, since, budget
 
     def time_elapsed(self, stage: str = "train") -> float:
         step = self.trainer.global_step
         return 0.1 * min(step, self.since) + self.per_step * max(step - self.since, 0)
 
     def time_remaining(self, stage: str = "train") -> float:
-        return 10.0 - self.time_elapsed()
+        return self.budget - self.time_elapsed()
 
 
 BUDGETED = ["model=unet_tiny", "timesteps=50", "data.batch_size=8", "data.limit=64", "trainer.max_epochs=-1",
@@ -67,3 +67,23 @@ def test_a_resumed_run_fits_the_rest_of_its_schedule_to_its_own_speed(tmp_path, 
     train(compose_cfg(BUDGETED, tmp_path))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 64
     assert state() == {"total_steps": 64, "recheck_at": None}
+
+
+def test_a_finished_run_resumed_with_a_larger_budget_goes_on(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(TimeBudget.__init__, "__defaults__", (5, 0.95))
+    monkeypatch.setattr(TimeBudget, "timer", staticmethod(lambda trainer: FakeClock(trainer)))
+    train(compose_cfg(BUDGETED, tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 96  # as in the first test
+    # (the fake clock holds the budget; another trainer.max_time only makes it another config, not skipped as done)
+    longer = [*BUDGETED, "trainer.max_time=00:02:00:00"]
+    # still 10 s: 0.4 s left, 4 steps at 0.1 s/step, fewer than a measurement: nothing more to do
+    train(compose_cfg(longer, tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 96
+    # a 20 s budget: 10.4 s left, room for 104 steps; measured at step 101: 9.9 s left -> 0.95 * 9.9 / 0.1 = 94 more,
+    # 195, down to the epoch end 192; re-checked at 146: 5.4 s left -> 51 more, 197 -> 192; 169: 3.1 s -> 29, 198 ->
+    # 192; 180: 2.0 s -> 19, 199 -> 192 (under 20 left): the run ends at step 192
+    monkeypatch.setattr(TimeBudget, "timer", staticmethod(lambda trainer: FakeClock(trainer, budget=20.0)))
+    train(compose_cfg([*BUDGETED, "trainer.max_time=00:03:00:00"], tmp_path))
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 192
+    assert next(v for k, v in ckpt["callbacks"].items() if "TimeBudget" in k) == {"total_steps": 192, "recheck_at": None}

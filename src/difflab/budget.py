@@ -7,7 +7,8 @@ estimated end each time (until under 20 steps or two epochs remain), and sets th
 total_steps to the end of the last whole epoch that fits in ``margin`` of the remaining time: the run reaches the end
 of its schedule just before the budget, and ends with a validation epoch (and sample grid). Both values travel in
 checkpoints; a resumed run keeps them, then measures its own speed again after ``measure_steps`` steps (another
-machine, another thread count, or a new ``trainer.max_time`` fits the rest of the schedule into what is left).
+machine, another thread count, or a new ``trainer.max_time`` fits the rest of the schedule into what is left; a run
+that had reached its fitted end and is resumed with a larger ``trainer.max_time`` goes on and fits a new end).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ class TimeBudget(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer, step = self.timer(trainer), trainer.global_step
         self.start = (step, timer.time_elapsed("train") if timer is not None else 0.0)
-        if self.total_steps is not None:  # resumed: the budget fitted before the interruption, until measured again here
+        if self.total_steps is not None and step >= self.total_steps and timer is not None and step > 0 and \
+                timer.time_remaining("train") / (self.start[1] / step) >= self.measure_steps:
+            # a finished run resumed with a larger trainer.max_time: room for more steps at its earlier speed, so the
+            # old end is dropped and the rest fitted after measure_steps steps here
+            self.total_steps, self.recheck_at = None, step + self.measure_steps
+            log.info(f"time budget: {timer.time_remaining('train') / 60:.1f} min of trainer.max_time left after the end fitted before: fitting a new end")
+        elif self.total_steps is not None:  # resumed: the budget fitted before the interruption, until measured again here
             self.apply(trainer, self.total_steps)
             if step + self.measure_steps < self.total_steps:
                 self.recheck_at = step + self.measure_steps
