@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -109,3 +111,20 @@ class PoisonBatchAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             batch[0].fill_(float("nan"))
+
+
+def run_in_process(script: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(PROJECT_ROOT / script), run_name="__main__")
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def check_one_line(code: int, out: str, err: str, expected: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, (code, err[-2000:])
+    assert len(errors) == 1, err[-2000:]
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in out + err

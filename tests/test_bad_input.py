@@ -8,8 +8,6 @@ the suite fast; a few cases also run as real processes, as a user starts them.
 from __future__ import annotations
 
 import hashlib
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from difflab.config import PROJECT_ROOT
 from difflab.train import train
 
 from conftest import SPRITES
-from support import compose_cfg, run_script
+from support import check_one_line, compose_cfg, run_in_process, run_script
 
 TINY = ["model=unet_tiny", "debug=fast", "timesteps=100", "~callbacks.sample_grid", "~callbacks.progress_bar"]
 
@@ -130,25 +128,8 @@ CASES = [
 ]
 
 
-def run_in_process(script: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(PROJECT_ROOT / script), run_name="__main__")
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 def fill(args: list[str], files: dict[str, Path]) -> list[str]:
     return [a.format(**files) for a in args]
-
-
-def check_one_line(code: int, out: str, err: str, expected: str) -> None:
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2, (code, err[-2000:])
-    assert len(errors) == 1, err[-2000:]
-    assert expected in errors[0], errors[0]
-    assert "Traceback" not in out + err
 
 
 def test_the_table_has_at_least_30_inputs_across_all_entry_points():

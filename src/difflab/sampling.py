@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from difflab.config import cpu_has_bf16
+from difflab.editing import Edit
 from difflab.errors import ConfigError
 from difflab.guidance import Guidance
 from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
@@ -178,11 +179,12 @@ class ImageNoise:
 @torch.no_grad()
 def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None = None, n: int | None = None,
              index: Tensor | Sequence[int] | None = None, record_every: int = 0, progress: bool = False,
-             stage: Callable[[Tensor], Tensor] | None = None) -> SampleOutput:
+             stage: Callable[[Tensor], Tensor] | None = None, edit: Edit | None = None) -> SampleOutput:
     """Images for contexts (N, K), or n unconditional ones; index: their global sample indices (default 0..N-1), which
     pick their noise. ``images``: float in [-1, 1] on the CPU; ``pixels``: uint8 after the output stage (``stage``, built
     once by a caller that samples often; by default the spec's for this model). The network runs in the spec's precision
-    on the model's device, in chunks of spec.batch_size."""
+    on the model's device, in chunks of spec.batch_size. ``edit`` (difflab.editing: inpainting, variations,
+    interpolation) runs in place of the sampler's own loop, row i editing its source i."""
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"generate samples a DiffusionModel (network + schedule + objective: difflab.model.load_model or "
                         f"build_model), not a {type(model).__name__}")
@@ -200,21 +202,27 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
     parts: list[SampleOutput] = []
     try:
         for start in range(0, n, spec.batch_size):
-            noise = ImageNoise(spec.seed, index[start : start + spec.batch_size].tolist())
-            ctx = contexts[start : start + spec.batch_size].to(device) if contexts is not None else None
+            rows = slice(start, start + spec.batch_size)
+            streams = partial(ImageNoise, spec.seed)
+            noise = edit.noise(streams, index[rows].tolist()) if edit is not None else streams(index[rows].tolist())
+            ctx = contexts[rows].to(device) if contexts is not None else None
             x_T = noise.randn(model.image_shape, device)
-            parts.append(sampler.sample(runner.denoiser(ctx, spec.guidance), model.schedule, x_T, noise, record_every, progress))
+            denoise = runner.denoiser(ctx, spec.guidance)
+            if edit is not None:
+                parts.append(edit.sample(sampler, denoise, model.schedule, x_T, noise, rows, record_every, progress))
+            else:
+                parts.append(sampler.sample(denoise, model.schedule, x_T, noise, record_every, progress))
     finally:
         model.net.train(was_training)
     images = torch.cat([p.images.cpu() for p in parts])
     stage = stage or spec.output_stage(model)
-    pixels = to_uint8(images)
+    pixels = stage(to_uint8(images)) if stage else to_uint8(images)
     return SampleOutput(
         images=images,
         chain=[torch.cat(frames) for frames in zip(*(p.chain for p in parts))],
         x0_chain=[torch.cat(frames) for frames in zip(*(p.x0_chain for p in parts))],
         chain_t=parts[0].chain_t,
-        pixels=stage(pixels) if stage else pixels,
+        pixels=edit.finish(pixels) if edit is not None else pixels,
     )
 
 

@@ -1,0 +1,150 @@
+"""How well the edits work on held-out real sprites: inpainting (RePaint and plain replacement against fresh samples),
+variations and class transfer against strength, interpolation smoothness. One process, one machine.
+
+python bench/edit_quality.py [--ckpt pretrained] [--limit N] --out docs/results/edits
+
+Inpainting: every held-out sprite with its top, bottom, left and right half to fill, its own label; scored with the
+project's metrics (classifier features, FD against the training images) next to as many fresh samples with the same
+labels (equal n and label mix). Variations: every held-out sprite at strengths 0.2 ... 1.0 with its own label, and with
+another label (class transfer; the targets cycle over the other classes); mean |pixel change| from the source and the
+classifier's class-balanced accuracy for the asked label. Interpolation: frame-to-frame mean |pixel change| over pairs of samples at
+the default 16 frames. Writes <out>.md (the tables) and <out>_ladder.png (a few sources at each strength).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from difflab.editing import Inpaint, Interpolate, Vary
+from difflab.images import grid, save_png
+from difflab.metrics.suite import MetricsConfig, MetricsContext
+from difflab.model import load_model
+from difflab.sampling import ImageNoise, SamplingSpec, generate
+from report import cpu_name  # noqa: E402  (bench/report.py: python bench/edit_quality.py puts bench/ on the path)
+
+REGIONS = ("top", "bottom", "left", "right")
+STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def half(region: str, n: int, size: int) -> torch.Tensor:
+    fill = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    h = size // 2
+    {"top": lambda: fill[:, :, :h].fill_(True), "bottom": lambda: fill[:, :, h:].fill_(True),
+     "left": lambda: fill[..., :h].fill_(True), "right": lambda: fill[..., h:].fill_(True)}[region]()
+    return fill
+
+
+def score(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    m = context.new_metrics(sync=False)
+    for start in range(0, len(images), 512):
+        part = slice(start, start + 512)
+        m.update(images[part], labels[part], torch.arange(len(images))[part])
+    return m.compute()
+
+
+def per_class(scores: dict, names: list[str]) -> str:
+    return " / ".join(f"{scores.get(f'cond_acc/{c}', float('nan')):.2f}" for c in names)
+
+
+def accuracy(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Class-balanced: the mean over the asked classes of the share the classifier assigns to the asked class."""
+    _, logits = context.classifier.features_and_logits(images)
+    hits = (logits.argmax(1) == labels).float()
+    return float(torch.stack([hits[labels == c].mean() for c in labels.unique()]).mean())
+
+
+def timed(model, spec, contexts, edit=None):
+    start = time.perf_counter()
+    out = generate(model, spec, contexts, edit=edit)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="pretrained")
+    p.add_argument("--limit", type=int, default=None, help="the first N held-out sprites only (a quick run)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+
+    model = load_model(args.ckpt)
+    datamodule = instantiate(model.config["data"])
+    datamodule.setup("fit")
+    images, onehot = datamodule.val_set.tensors[:2]
+    images, labels = images[: args.limit], onehot[: args.limit].argmax(1)
+    n, k, size, names = len(images), model.num_classes, model.image_shape[-1], model.class_names
+    context = MetricsContext(MetricsConfig(), datamodule, model.data or datamodule.identity(), conditional=True)
+    spec = SamplingSpec({"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}, seed=0)
+    lines = [f"# Edits of held-out sprites ({args.ckpt}, {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2, "
+             f"palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
+
+    # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels
+    sources = images.repeat(len(REGIONS), 1, 1, 1)
+    all_labels = labels.repeat(len(REGIONS))
+    fills = torch.cat([half(r, n, size) for r in REGIONS])
+    contexts = torch.eye(k)[all_labels]
+    rows = {}
+    fresh, seconds = timed(model, spec, contexts)
+    rows["fresh samples"] = (score(context, fresh.pixels, all_labels), seconds, fresh.pixels)
+    for method in ("replace", "repaint"):
+        out, seconds = timed(model, spec, contexts, Inpaint(sources, fills, method))
+        rows[f"inpainted, {method}"] = (score(context, out.pixels, all_labels), seconds, out.pixels)
+    lines += [f"## Inpainting: each half (top, bottom, left, right) of {n} held-out sprites, its own label ({len(sources)} images)", "",
+              "| images | FD | balanced acc | per class (" + " / ".join(names) + ") | seconds per 64 |", "|---|---|---|---|---|"]
+    for name, (s, seconds, _) in rows.items():
+        lines.append(f"| {name} | {s['fd']:.2f} | {s['cond_acc']:.3f} | {per_class(s, names)} | {64 * seconds / len(sources):.2f} |")
+    lines += ["", "Accuracy per filled half (balanced over classes):", "", "| method | " + " | ".join(REGIONS) + " |",
+              "|---|" + "---|" * len(REGIONS)]
+    for name, (_, _, pixels) in list(rows.items())[1:]:
+        acc = [accuracy(context, pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))]
+        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
+    reference = context.reference()
+    lines += ["", f"The real held-out sprites themselves (n={reference['n']}): FD {reference['fd']:.2f}, balanced accuracy "
+              f"{reference['cond_acc']:.3f} (FD grows as n shrinks: compare the rows above with each other).", ""]
+
+    # variations and class transfer against strength
+    others = (labels + 1 + torch.arange(n) % (k - 1)) % k  # another class for each source, cycling over the other classes
+    lines += [f"## Variations (own label) and class transfer (another label) against strength, {n} held-out sprites", "",
+              "| strength | network calls | change from source, own label | accuracy, own label | change, other label | accuracy, other label |",
+              "|---|---|---|---|---|---|"]
+    ladder = []
+    for strength in STRENGTHS:
+        same = generate(model, spec, torch.eye(k)[labels], edit=Vary(images, strength)).pixels
+        moved = generate(model, spec, torch.eye(k)[others], edit=Vary(images, strength)).pixels
+        change = [float((x.float() - images.float()).abs().mean()) for x in (same, moved)]
+        calls = 2 * (15 - Vary(images, strength).start(15))
+        lines.append(f"| {strength:.1f} | {calls} | {change[0]:.1f} | {accuracy(context, same, labels):.3f} | {change[1]:.1f} | "
+                     f"{accuracy(context, moved, others):.3f} |")
+        ladder.append((same[:6], moved[:6]))
+    show = torch.stack([torch.cat([images[:6][i:i + 1], *(s[i:i + 1] for s, _ in ladder), *(m[i:i + 1] for _, m in ladder)])
+                        for i in range(min(6, n))]).flatten(0, 1)
+    save_png(grid(show, 1 + 2 * len(STRENGTHS)), args.out.with_name(args.out.name + "_ladder.png"))
+    lines += ["", f"{args.out.name}_ladder.png: per row a source, then its own label at strengths {', '.join(map(str, STRENGTHS))}, "
+              "then the other label at the same strengths.", ""]
+
+    # interpolation smoothness: 24 pairs of seeds, 16 frames, same label (and the label moving for half of them)
+    frames, changes = 16, []
+    w = torch.linspace(0, 1, frames, dtype=torch.float64)
+    for pair in range(24):
+        a, b = pair % k, (pair % k if pair < 12 else (pair + 3) % k)
+        ctx = ((1 - w)[:, None] * torch.eye(k)[a].double() + w[:, None] * torch.eye(k)[b].double()).float()
+        out = generate(model, spec, ctx, edit=Interpolate([(pair, 0), (100 + pair, 0)], w, ImageNoise))
+        changes.append((out.pixels[1:].float() - out.pixels[:-1].float()).abs().mean((1, 2, 3)))
+    c = torch.stack(changes)
+    ratio = c.max(1).values / c.mean(1)
+    lines += [f"## Interpolation: 24 pairs of samples (12 with one label, 12 with the label moving too), {frames} frames", "",
+              f"Frame-to-frame mean |pixel change| (0-255): mean {c.mean():.1f}, median {c.median():.1f}, largest {c.max():.1f}. "
+              f"Largest change over the pair's mean change: median {ratio.median():.2f}, largest {ratio.max():.2f}.", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

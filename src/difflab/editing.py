@@ -1,0 +1,233 @@
+"""Edits of existing images with any step-by-step sampler: inpainting (RePaint, or plain replacement), variations and
+class transfer (SDEdit) and interpolation (spherical, of the noise and of every step's noise).
+
+Each edit is handed to ``difflab.sampling.generate(..., edit=...)``, which runs it in place of the sampler's own loop
+with everything else of a sampling request unchanged: the model's denoiser and guidance, the precision, batching, the
+per-image noise streams of (seed, i) and the output stage. Sources are uint8 (N, C, H, W) as the data sets hold them.
+
+A walk goes along the sampler's timesteps ts = [t_0 > t_1 > ... > t_{S-1}] and then the clean image (t = -1), by
+position p in 0..S: down (p -> p+1) is one sampler step, up (p -> p-1) is forward noising (RePaint's jump back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from difflab.diffusion import Denoiser
+from difflab.errors import ConfigError
+from difflab.images import to_unit_range
+from difflab.samplers.base import Noise, SampleOutput, Sampler, _progress, alpha_bar, at, noise_like
+from difflab.schedules import NoiseSchedule
+from difflab.validate import integer, number
+
+INPAINT_METHODS = ("repaint", "replace")
+
+
+def step_by_step(sampler: Sampler) -> Sampler:
+    """The sampler, if it samples by ``step`` along ``timesteps`` (every sampler but Heun, which runs its own loop in
+    EDM's sigma space)."""
+    if type(sampler).step is Sampler.step:
+        raise ConfigError(f"sampler={sampler.name or type(sampler).__name__} runs its own loop and cannot edit images: "
+                          "use sampler=dpmpp (the default), ddim, unipc or ddpm")
+    return sampler
+
+
+def repaint_path(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """Positions 0..steps in the order RePaint visits them (Lugmayr et al. 2022, its get_schedule_jump): down one step at
+    a time and, every ``jump_length`` steps while that many remain, back up ``jump_length`` steps, ``jump_n_sample`` - 1
+    times; jump_n_sample = 1 is the plain walk 0, 1, ..., steps."""
+    # counted down as RePaint does: c = steps - 1 - p, jumps where c = 0, L, 2L, ... < steps - L
+    jumps = {c: jump_n_sample - 1 for c in range(0, steps - jump_length, jump_length)}
+    c, path = steps - 1, [0]
+    while c >= 0:
+        c -= 1
+        path.append(steps - 1 - c)
+        if jumps.get(c, 0) > 0:
+            jumps[c] -= 1
+            for _ in range(jump_length):
+                c += 1
+                path.append(steps - 1 - c)
+    return path
+
+
+def walk(sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x: Tensor, noise: Noise | None, path: Sequence[int],
+         keep: Callable[[Tensor, int], Tensor] | None = None, record_every: int = 0, progress: bool = False) -> SampleOutput:
+    """x at position path[0] walked along ``path``; ``keep(x, t)`` puts the known pixels back after every step down."""
+    ts = [*sampler.timesteps(s.timesteps), -1]
+    sampler.reset()
+    out = SampleOutput(images=x)
+    if record_every:
+        out.chain.append(x.cpu()), out.chain_t.append(ts[path[0]])
+    x0 = x
+    moves = list(zip(path, path[1:]))
+    for i, (p, q) in enumerate(_progress(moves, progress, type(sampler).__name__)):
+        t, t_next = ts[p], ts[q]
+        if q == p + 1:
+            eps = denoise(x, at(t, x)).float()
+            x, x0 = sampler.step(s, eps, t, t_next, x, noise)
+            x = keep(x, t_next) if keep is not None else x
+        else:
+            # x_t' ~ q(x_t' | x_t) = N(sqrt(ab_t' / ab_t) x_t, (1 - ab_t' / ab_t) I), t' > t: noise added back
+            ratio = alpha_bar(s, t_next) / alpha_bar(s, t)
+            x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise_like(x, noise)
+            sampler.reset()  # a multistep solver's history belongs to the trajectory it left
+        if record_every and ((i + 1) % record_every == 0 or i == len(moves) - 1):
+            out.chain.append(x.cpu()), out.x0_chain.append(x0.cpu()), out.chain_t.append(t_next)
+    out.images = x
+    return out
+
+
+def noised(s: NoiseSchedule, x0: Tensor, t: int, z: Tensor) -> Tensor:
+    # x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) z; t = -1: x_0 itself
+    if t < 0:
+        return x0
+    ab = alpha_bar(s, t)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * z
+
+
+class Edit:
+    """What ``generate`` asks of an edit. ``rows``: the slice of the batch being sampled (sources and masks per row)."""
+
+    def noise(self, make: Callable[[Sequence[int]], Noise], index: Sequence[int]) -> Noise:
+        """The noise streams of images ``index`` (``make``: the spec's per-image streams)."""
+        return make(index)
+
+    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
+               record_every: int = 0, progress: bool = False) -> SampleOutput:
+        raise NotImplementedError
+
+    def finish(self, pixels: Tensor) -> Tensor:
+        """The uint8 results after the output stage (all rows)."""
+        return pixels
+
+    def record(self) -> dict:
+        """The edit's settings (JSON), for meta.json."""
+        return {}
+
+
+class Inpaint(Edit):
+    """Fill the pixels where ``fill`` (N, 1, H, W) is true, keep the others of ``source`` (N, C, H, W uint8) exactly.
+
+    method="replace": after every sampler step the kept pixels are replaced by the source noised to the new level
+    (fresh noise each time). method="repaint" (Lugmayr et al. 2022): the same, and every ``jump_length`` steps the image is
+    noised back ``jump_length`` steps and denoised again, ``jump_n_sample`` - 1 times, so the filled region settles with
+    what is kept: about jump_n_sample times the network calls of "replace".
+    """
+
+    def __init__(self, source: Tensor, fill: Tensor, method: str = "repaint", jump_length: int = 3, jump_n_sample: int = 4) -> None:
+        if method not in INPAINT_METHODS:
+            raise ConfigError(f"method={method!r}: choose repaint (better, slower) or replace (one pass)")
+        self.method = method
+        self.jump_length = integer("jump_length", jump_length, 1, " (steps to jump back; RePaint: 10 of 250)")
+        self.jump_n_sample = integer("jump_n_sample", jump_n_sample, 1, " (passes over each jump; 1: no resampling)")
+        if source.dtype != torch.uint8 or source.ndim != 4 or fill.shape != (source.shape[0], 1, *source.shape[2:]):
+            raise ValueError(f"Inpaint: source uint8 (N, C, H, W) and fill (N, 1, H, W), got {tuple(source.shape)} "
+                             f"{source.dtype} and {tuple(fill.shape)}")
+        self.source, self.fill = source, fill.bool()
+
+    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
+               record_every: int = 0, progress: bool = False) -> SampleOutput:
+        x0 = to_unit_range(self.source[rows]).to(x_T.device)
+        fill = self.fill[rows].to(x_T.device)
+
+        def keep(x: Tensor, t: int) -> Tensor:
+            # x <- m x + (1 - m) x_t(source), m the pixels to fill: the kept ones at x's noise level
+            return torch.where(fill, x, noised(s, x0, t, noise_like(x, noise)))
+
+        steps = len(step_by_step(sampler).timesteps(s.timesteps))
+        path = repaint_path(steps, self.jump_length, self.jump_n_sample) if self.method == "repaint" else list(range(steps + 1))
+        start = sampler.timesteps(s.timesteps)[0]
+        out = walk(sampler, denoise, s, keep(x_T, start), noise, path, keep, record_every, progress)
+        out.images = torch.where(fill, out.images, x0)  # the kept pixels exactly (the last keep did it; also in bf16)
+        return out
+
+    def finish(self, pixels: Tensor) -> Tensor:
+        # the output stage (a palette snap) may move kept pixels too: they are the source's again
+        return torch.where(self.fill.to(pixels.device), pixels, self.source.to(pixels.device))
+
+    def record(self) -> dict:
+        return {"edit": "inpaint", "method": self.method, "jump_length": self.jump_length, "jump_n_sample": self.jump_n_sample}
+
+
+class Vary(Edit):
+    """SDEdit (Meng et al. 2022): the source noised to ``strength`` of the chain, then denoised with the requested label
+    and guidance. The last round(strength x S) of the sampler's S steps run (at least one), from
+    x_t = sqrt(ab_t) source + sqrt(1 - ab_t) z at the first of them, z the image's x_T: strength 1 is nearly a fresh
+    sample from that noise, small strengths keep the source's shapes and colours. Same label: variations; another: class
+    transfer."""
+
+    def __init__(self, source: Tensor, strength: float = 0.5) -> None:
+        self.strength = number("strength", strength, 0, 1, " (the share of the chain redone: 0.3 keeps the sprite close, 1.0 is a new one)")
+        if self.strength == 0:
+            raise ConfigError("strength=0 returns the source unchanged: give a strength in (0, 1], e.g. strength=0.5")
+        if source.dtype != torch.uint8 or source.ndim != 4:
+            raise ValueError(f"Vary: source uint8 (N, C, H, W), got {tuple(source.shape)} {source.dtype}")
+        self.source = source
+
+    def start(self, steps: int) -> int:
+        """The position the walk starts from: S - round(strength S), at most S - 1."""
+        return steps - max(1, round(self.strength * steps))
+
+    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
+               record_every: int = 0, progress: bool = False) -> SampleOutput:
+        ts = step_by_step(sampler).timesteps(s.timesteps)
+        first = self.start(len(ts))
+        x = noised(s, to_unit_range(self.source[rows]).to(x_T.device), ts[first], x_T)
+        return walk(sampler, denoise, s, x, noise, range(first, len(ts) + 1), None, record_every, progress)
+
+    def record(self) -> dict:
+        return {"edit": "vary", "strength": self.strength}
+
+
+def slerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """Spherical interpolation per row: sin((1 - w) theta) / sin theta a + sin(w theta) / sin theta b, theta the angle
+    between a and b (w = 0 gives a and w = 1 gives b exactly); linear where they are parallel."""
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1))
+    theta = cos.clamp(-1, 1).acos()
+    w = w.double().to(a.device)
+    small = theta.sin() < 1e-6
+    wa = torch.where(small, 1 - w, ((1 - w) * theta).sin() / theta.sin())
+    wb = torch.where(small, w, (w * theta).sin() / theta.sin())
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    return (wa.view(shape) * a.double() + wb.view(shape) * b.double()).to(a.dtype)
+
+
+class SlerpNoise:
+    """Row b's draws: slerp(draw of stream A, draw of stream B, w_b): every step's noise interpolated as x_T is."""
+
+    def __init__(self, a: Noise, b: Noise, weights: Tensor) -> None:
+        self.a, self.b, self.weights = a, b, weights
+
+    def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        return slerp(self.a.randn(shape, device, dtype), self.b.randn(shape, device, dtype), self.weights)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        return self.randn(x.shape[1:], x.device, x.dtype)
+
+
+class Interpolate(Edit):
+    """Frames between two samples: image i = weights[i] of the way from image ``ends[0]`` to image ``ends[1]`` (each
+    (seed, index), the image sample.py makes as sample ``index`` with ``seed``), its x_T and every step's noise slerped
+    between theirs; the contexts (interpolated by the caller) follow the same weights. Frames at weight 0 and 1 are the
+    two ends' own samples."""
+
+    def __init__(self, ends: Sequence[tuple[int, int]], weights: Tensor, stream: Callable[[int, Sequence[int]], Noise]) -> None:
+        if len(ends) != 2:
+            raise ValueError(f"Interpolate: two ends (seed, index), got {ends}")
+        self.ends, self.weights, self.stream = [tuple(e) for e in ends], weights.double(), stream
+
+    def noise(self, make: Callable[[Sequence[int]], Noise], index: Sequence[int]) -> Noise:
+        (seed_a, i_a), (seed_b, i_b) = self.ends
+        return SlerpNoise(self.stream(seed_a, [i_a] * len(index)), self.stream(seed_b, [i_b] * len(index)),
+                          self.weights[torch.as_tensor(list(index))])
+
+    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
+               record_every: int = 0, progress: bool = False) -> SampleOutput:
+        return sampler.sample(denoise, s, x_T, noise, record_every, progress)
+
+    def record(self) -> dict:
+        return {"edit": "interpolate", "ends": [list(e) for e in self.ends], "weights": [round(float(w), 6) for w in self.weights]}
