@@ -1,12 +1,15 @@
 # make train : install, then train on the shipped sprites (ARGS="schedule=cosine timesteps=512" to override)
-# make test  : install, then the fast test tier
+# make test  : install (with requirements-dev.txt), then the fast test tier
+# make gpu-check : on a GPU machine, what CI cannot check (ARGS=--cpu: the same on the CPU)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install train test test-full lint bench clean
+.PHONY: install install-dev train test test-full lint bench gpu-check clean
 
 install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,16 +18,20 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --no-deps -e .
 	touch $@
 
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
 train: install
 	$(PY) train.py $(ARGS)
 
-test: install
+test: install-dev
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-full: install
+test-full: install-dev
 	$(PY) -m pytest $(ARGS)
 
-lint: install
+lint: install-dev
 	$(PY) -m ruff check src tests bench train.py
 
 clean:
@@ -33,3 +40,10 @@ clean:
 bench: install
 	$(VENV)/bin/python -m pip install -r requirements-bench.txt
 	$(PY) bench/bench.py $(ARGS)
+
+# on a GPU machine: precisions, resume exactness, DDP, CUDA vs CPU samples, speed vs the peers (bench/gpu_check.py);
+# ARGS=--cpu runs the same checks on the CPU
+gpu-check: install
+	$(VENV)/bin/python -m pip install -r requirements-bench.txt
+	$(PY) bench/gpu_check.py $(ARGS)
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 import runpy
 import subprocess
@@ -12,22 +11,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from difflab.config import PROJECT_ROOT
+from difflab.tolerance import U32, reorder_tol  # noqa: F401  (the tests' tolerances)
 
 CONF = str(PROJECT_ROOT / "conf")
-U32 = torch.finfo(torch.float32).eps / 2  # float32 unit roundoff, 2^-24
-
-
-def reorder_tol(ref: torch.Tensor, layers: int, width: int) -> float:
-    """How far two float32 evaluations of one network may differ when only their order of summation differs
-    (batch size, chunking, AMX vs AVX-512 vs AVX2 kernels): a sum of ``width`` terms in blocked/pairwise order
-    carries a relative error of about log2(width) u; ``layers`` such sums compound; x4 headroom. Relative to the
-    largest output, since the errors of a layer scale with its inputs' magnitude, not with each output's."""
-    return 4 * layers * math.log2(width) * U32 * float(ref.abs().max())
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | str, config_name: str = "train") -> DictConfig:

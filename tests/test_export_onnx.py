@@ -27,8 +27,9 @@ from difflab.generator import SpriteGenerator, exportable
 from difflab.images import snap_to_palette, to_uint8
 from difflab.model import build_model, load_model
 from difflab.sampling import ImageNoise, generate
+from difflab.tolerance import chain_tol
 
-from support import compose_cfg, reorder_tol
+from support import compose_cfg
 
 EXAMPLE = PROJECT_ROOT / "examples" / "onnx_sprites.py"
 LABELS = torch.tensor([0, 2, 5, 3])
@@ -65,23 +66,6 @@ def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # tiny graphs on a shared machine
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def chain_tol(net: nn.Module, peak: float, steps: int, guidance: float, gain: float) -> float:
-    """How far the ONNX and PyTorch samples may differ: the same float32 math in other kernels, step after step.
-
-    One network evaluation: the kernels differ in their order of summation, reorder_tol(peak, layers, width) with the
-    network's weight layers (an upper bound on its depth), its largest fan-in (or token count, for attention) and its
-    largest output ``peak``. Guidance, (1 + w) out_c - w out_u, adds the errors of both branches: x (1 + 2|w|). The
-    sampler turns eps into x_0 = (x_t - sigma_t eps) / alpha_t: x ``gain`` = max sigma_t / alpha_t over the visited t
-    (v-prediction's x_0 = alpha_t x_t - sigma_t v is within it). DPM-Solver++(2M) combines the new and the last x_0
-    with |1 + 1/2r| + |1/2r| = 1 + 1/r ~ 2 (r ~ 1 on linspace steps): x 2. x_t's error is carried with sigma_prev /
-    sigma_t < 1, clipping and re-noising are 1-Lipschitz, and a stable solver carries earlier errors with gain about 1
-    (the network's Jacobian is not bounded here: reorder_tol's x4 headroom covers it), so the steps add: x steps.
-    Measured here: about 1e-6, against bounds of 3e-2 (15 guided DPM-Solver++ steps) and 7e-4 (2 consistency steps)."""
-    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    width = max(max(m.weight[0].numel() for m in layers), net.image_size**2)
-    return steps * (1 + 2 * abs(guidance)) * gain * 2 * reorder_tol(torch.tensor(peak), len(layers), width)
 
 
 def assert_pixels_close(pixels: np.ndarray, ref_pixels: torch.Tensor, images: np.ndarray, ref_images: torch.Tensor) -> None:
