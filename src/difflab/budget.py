@@ -37,7 +37,7 @@ class TimeBudget(L.Callback):
     @staticmethod
     def timer(trainer: L.Trainer) -> Timer | None:
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        return timer if timer is not None and timer._duration is not None else None
+        return timer if timer is not None and timer.time_remaining("train") is not None else None  # None: no max_time
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer, step = self.timer(trainer), trainer.global_step

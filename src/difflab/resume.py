@@ -153,9 +153,15 @@ class FinalCheckpoint(L.Callback):
     """When training ends, checkpoints/last.ckpt holds the final step. ModelCheckpoint does not always write it:
     with every_n_train_steps it skips the steps after the last multiple, and defers saves it cannot rank yet."""
 
+    def __init__(self) -> None:
+        self.saved_step = -1  # the step of the newest checkpoint this process wrote
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.saved_step = trainer.global_step
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         callback = trainer.checkpoint_callback
-        if callback is None or getattr(callback, "_last_global_step_saved", -1) != trainer.global_step or not callback.last_model_path:
+        if callback is None or self.saved_step != trainer.global_step or not callback.last_model_path:
             trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
 
 
