@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from datetime import datetime
@@ -35,6 +36,11 @@ def _sweep_group() -> str | None:
     return f"{hc.job.name}-{Path(hc.sweep.dir).name}"
 
 
+# 4 hex digits from a random start, then counting up: the runs of one process (a sweep's jobs) never share a name, and
+# two processes that start in the same second share one with probability 1/65536
+_SUFFIXES = itertools.count(secrets.randbelow(65536))
+
+
 def _run_id(task: str = "") -> str:
     """A run (or sweep) folder's name that no other run shares.
 
@@ -54,7 +60,7 @@ def _run_id(task: str = "") -> str:
     run = env.get("TORCHELASTIC_RUN_ID")
     if run and run != "none" and int(env.get("WORLD_SIZE", "1")) > 1:
         return f"{stamp}_torchrun-{run}"
-    return f"{stamp}_{secrets.token_hex(2)}"
+    return f"{stamp}_{next(_SUFFIXES) % 65536:04x}"
 
 
 def cpu_has_bf16() -> bool:
@@ -66,14 +72,32 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def cuda_has_bf16() -> bool:
+    """bf16 in the GPU's tensor cores: compute capability 8.0 or later (A100, RTX 30xx, H100, ...). Not
+    torch.cuda.is_bf16_supported(), which also counts the emulated bf16 of a V100 or T4 (slower than fp16 there)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
 def fast_precision(accelerator: str = "auto") -> str:
-    """The default trainer.precision: bf16-mixed where the hardware runs bf16 fast, else 32."""
+    """The default trainer.precision: bf16-mixed where the hardware runs bf16 natively; on other GPUs 16-mixed (with
+    Lightning's gradient scaler), on other CPUs 32."""
     import torch
 
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+        return "bf16-mixed" if cuda_has_bf16() else "16-mixed"
     return "bf16-mixed" if cpu_has_bf16() else "32"
+
+
+def use_tf32(enabled: bool) -> None:
+    """float32 matmuls on TF32 tensor cores on CUDA (about 8x an A100's float32 rate, 10 mantissa bits; convolutions use
+    TF32 by default in PyTorch); nothing changes on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 
 def hydra_choice(group: str) -> str | None:

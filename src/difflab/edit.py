@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from difflab.config import use_tf32
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.model import DiffusionModel, load_model
@@ -138,6 +139,7 @@ def read_mask(spec: Any, size: int) -> Tensor:
 
 
 def edit(cfg: DictConfig) -> dict[str, Path]:
+    use_tf32(cfg.get("tf32", True))
     spec = SamplingSpec.from_config(cfg)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train").to(device)

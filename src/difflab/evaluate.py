@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.checkpoint import CheckpointError
-from difflab.config import hydra_choice, instantiate_group, to_container
+from difflab.config import hydra_choice, instantiate_group, to_container, use_tf32
 from difflab.images import grid, save_npz, save_png
 from difflab.loggers import quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
@@ -45,6 +45,7 @@ def data_identity(model: DiffusionModel, cfg: DictConfig, datamodule: Any) -> di
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    use_tf32(cfg.get("tf32", True))
     quiet_duplicate_logs()
     integer("n", cfg.n, 2, " (FD/KID need at least 2 samples; compare runs at equal n, e.g. n=1000)")
     check_trainer_config(cfg.trainer)

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from difflab.config import use_tf32
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.model import load_model
@@ -107,6 +108,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
+    use_tf32(cfg.get("tf32", True))
     integer("n", cfg.n, 1, " (images per label, or in all)")
     if cfg.gif:
         integer("frames", cfg.frames, 1, " (or gif=false)")

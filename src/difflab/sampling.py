@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from difflab.config import cpu_has_bf16
+from difflab.config import cpu_has_bf16, cuda_has_bf16
 from difflab.editing import Edit
 from difflab.errors import ConfigError
 from difflab.guidance import Guidance
@@ -91,7 +91,7 @@ class SamplingSpec:
         precision = self.precision
         if precision == "auto":
             device = torch.device(device)
-            fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+            fast = cuda_has_bf16() if device.type == "cuda" else cpu_has_bf16()
             precision = "bf16" if fast else "32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from difflab.budget import RunClock, TimeBudget
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
-from difflab.config import hydra_choice, instantiate_group, to_container
+from difflab.config import hydra_choice, instantiate_group, to_container, use_tf32
 from difflab.ddp import use_job_command_for_ddp_ranks
 from difflab.errors import ConfigError
 from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
@@ -86,6 +86,7 @@ def finished(cfg: DictConfig) -> dict[str, float] | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    use_tf32(cfg.get("tf32", True))
     quiet_duplicate_logs()
     check_trainer_config(cfg.trainer)
     if cfg.get("seed") is not None:
