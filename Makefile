@@ -37,13 +37,13 @@ lint: install-dev
 clean:
 	rm -rf logs outputs multirun .pytest_cache
 
-bench: install
+bench: install-dev
 	$(VENV)/bin/python -m pip install -r requirements-bench.txt
 	$(PY) bench/bench.py $(ARGS)
 
 # on a GPU machine: precisions, resume exactness, DDP, CUDA vs CPU samples, speed vs the peers (bench/gpu_check.py);
 # ARGS=--cpu runs the same checks on the CPU
-gpu-check: install
+gpu-check: install-dev
 	$(VENV)/bin/python -m pip install -r requirements-bench.txt
 	$(PY) bench/gpu_check.py $(ARGS)
 

@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "data=sprites_course (5 context features).")
     if any(s.family == "ours" for s in selected):
         notes.append("ours: conf/model/<preset>.yaml as train.py builds it (conditional, one-hot contexts, context dropout "
-                     "p_uncond 0.1, dropout 0.1 as in the yaml); the peers train unconditionally (diffusers, lucidrains) or "
+                     "p_uncond 0.1, the preset's own conditioning and dropout: unet_sprites AdaGN and no dropout, unet_cifar "
+                     "the embedding added and dropout 0.1), with train.py's default objective (v-prediction, min-SNR-5 "
+                     "weighting); the peers train unconditionally (diffusers, lucidrains) or "
                      "with the course's 5 contexts, under the same DiffusionModule, optimizer, LR schedule, clipping and EMA.")
     ok = [r for r in results if "error" not in r and r.get("train") and r["train"].get("period_img_s")]
     if ok:

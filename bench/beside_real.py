@@ -1,7 +1,7 @@
 """Samples beside real sprites of the same class: python bench/beside_real.py <samples.npz> <out.png> [--real 4]
 
 One row per class: the samples made for that class (sample.py label=all writes them class by class), a gap, then
-``--real`` random real training sprites of the class (seeded). The README's grids of the winners are made with it.
+``--real`` random real training sprites of the class (seeded). The grids of docs/results.md are made with it.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def markdown(report: dict[str, Any]) -> str:
                                                    f"[{v['min']:.3g}-{v['max']:.3g}]" for k, v in peaks.items()) + ")",
         "- training: the real step. The train config composed from conf/ (`data=...`, `model=...` for ours; a peer's "
         "network enters as `cfg.model`, wrapped in bench/peers.py's PeerAdapter), the module from "
-        "`difflab.train.build_module(cfg)` (DiffusionModule: t, noise, q_sample, context dropout, eps MSE), fitted by a "
+        "`difflab.train.build_module(cfg)` (DiffusionModule: t, noise, q_sample, context dropout, the loss of the config's "
+        "objective: train.yaml's default is v-prediction with min-SNR-5 weighting), fitted by a "
         "`lightning.Trainer` from `cfg.trainer` (gradient clipping at gradient_clip_val, the precision plugin of "
         "trainer.precision, AdamW + LR schedule from conf/optim, the EMA callback from conf/callbacks; no logger, "
         "checkpoints, progress bar or sample grid) on random uint8 images through the project's ArrayDataModule. "

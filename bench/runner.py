@@ -353,8 +353,10 @@ class Runner:
 
 
 def peak_key(precision: str) -> str:
-    """Which matmul peak a precision is compared with: bf16 for the bf16 policies, fp32 otherwise."""
-    return "bf16" if "bf16" in str(precision) or "16-mixed" in str(precision) else "fp32"
+    """Which matmul peak a precision or dtype is compared with: bf16 for the bf16 policies and dtypes ("bf16-mixed",
+    "bf16", "bfloat16"), fp32 otherwise."""
+    p = str(precision)
+    return "bf16" if "bf16" in p or "bfloat16" in p or "16-mixed" in p else "fp32"
 
 
 def run_model(spec: ModelSpec, variants: dict[str, Variant], rc: RunConfig, device: torch.device,

@@ -142,7 +142,7 @@ def test_cifar10_brings_the_ddpm_network_and_optimizer_unless_overridden(tmp_pat
 
 def test_sampling_defaults_agree_between_sample_evaluate_and_the_callbacks(tmp_path):
     """One sampling request by default (conf/sampling/default.yaml): sample.py, evaluate.py and the training-time grids and
-    quality scores sample alike unless told otherwise (the numbers in the README are made with it)."""
+    quality scores sample alike unless told otherwise (the numbers in docs/ are made with it)."""
     from difflab.sampling import SamplingSpec
 
     sample, evaluate = (compose_cfg([], tmp_path, config_name=name) for name in ("sample", "evaluate"))

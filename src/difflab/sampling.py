@@ -4,7 +4,7 @@ sample.py, evaluate.py, the SampleGrid and SampleQuality callbacks and the bench
 call ``generate(model, spec, ...)``. Image i has its own random stream, seeded by (seed, i) as in EDM's per-seed
 generators: its x_T and every step's noise depend only on (seed, i), never on n, batch_size, chunking, the number of
 ranks or the entry point. With its context, the sampler and the precision that fixes the image (up to the last float
-bits of batched kernels, see the README).
+bits of batched kernels, see docs/sampling.md, "Reproducible noise").
 """
 
 from __future__ import annotations
