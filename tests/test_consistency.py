@@ -3,6 +3,8 @@ consistency sampling, and who may sample what (sampler=auto, the distilled guida
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -124,6 +126,7 @@ def test_target_ema_is_checked_and_the_target_network_follows_the_student(tmp_pa
     with torch.no_grad():
         for p in module.net.parameters():
             p.add_(1.0)
+    module.trainer = SimpleNamespace(global_step=1, current_epoch=0, log_every_n_steps=50)  # (the hook also checks finiteness)
     module.on_train_batch_end(None, None, 0)
     for slow, start, fast in zip(module.target_net.parameters(), before, module.net.parameters()):
         assert torch.allclose(slow, 0.9 * start + 0.1 * fast, atol=1e-6)

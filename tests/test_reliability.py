@@ -245,11 +245,15 @@ def test_inf_gradients_under_a_grad_scaler_are_left_to_the_scaler():
     plugin = SimpleNamespace(scaler=object(), clip_gradients=lambda *a, **k: clipped.append(k))
     module._trainer = SimpleNamespace(precision_plugin=plugin, optimizers=[], global_step=5, current_epoch=0,
                                       gradient_clip_val=1.0, gradient_clip_algorithm="norm", precision="16-mixed")
+    module.log = lambda *a, **k: None
     module.configure_gradient_clipping(None, 1.0, "norm")
     assert len(clipped) == 1  # the scaler decides
+    module.check_finite()
     plugin.scaler = None
-    with pytest.raises(NonFiniteLossError, match="the gradient norm is inf at step 5"):
-        module.configure_gradient_clipping(None, 1.0, "norm")
+    module.configure_gradient_clipping(None, 1.0, "norm")  # noted on the device, no host sync here
+    module._trainer.global_step = 7
+    with pytest.raises(NonFiniteLossError, match="the gradient norm is inf at step 5 .*stopped at step 7"):
+        module.check_finite()  # at the next logging interval, epoch end or checkpoint
 
 
 # data ----------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class ConsistencyTuning(DiffusionModule):
             self.target_net.load_state_dict(self.net.state_dict())  # the weights init_from loaded (a resume restores its own)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.target_net is not None:
             mu = self.model.objective.target_ema
             with torch.no_grad():

@@ -3,8 +3,10 @@
 Batches arrive scaled to [-1, 1] (see data/datamodule.py). Validation runs on the EMA weights when the
 WeightAveraging callback is on (it swaps them in for the whole validation epoch).
 
-A step whose loss or gradient norm is not finite stops the run before the weights take it
-(NonFiniteLossError). Each step's randomness is seeded by the DataModule (see rng.py).
+The loss and gradient norm are checked for nan/inf on the device, with no host synchronisation per step: the first
+non-finite one is recorded there and read at the logging interval, at the end of every epoch and before every
+checkpoint is written, which stops the run (NonFiniteLossError) so that no checkpoint ever holds weights from that step
+on. Each step's randomness is seeded by the DataModule (see rng.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class DiffusionModule(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self._compiled_forward: Callable[..., Tensor] | None = None  # a function, so not a registered submodule
+        # the first non-finite value seen: [step, epoch, what (0: train/loss, 1: the gradient norm), value]; step -1: none
+        self.register_buffer("first_nonfinite", torch.tensor([-1.0, 0.0, 0.0, 0.0], dtype=torch.float64), persistent=False)
 
     def setup(self, stage: str) -> None:
         # compiled here, after callbacks (EMA) have copied the plain module in their own setup
@@ -78,30 +82,48 @@ class DiffusionModule(L.LightningModule):
         x0 = self._prepare(x0)
         b = x0.shape[0]
         loss = self.step_loss(x0, context).mean()
-        if self.trainer.world_size == 1 and not torch.isfinite(loss):
-            # (under DDP a rank's non-finite loss reaches every rank as a non-finite gradient norm, checked below)
-            raise self._diverged("train/loss", loss)
+        # (under DDP a rank's non-finite loss reaches every rank as a non-finite gradient norm, noted below)
+        self.note_nonfinite(loss, 0)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
+
+    def note_nonfinite(self, value: Tensor, what: int) -> None:
+        """Records ``value`` (a 0-d tensor) if it is the first non-finite one, on its device: no host sync."""
+        first = self.first_nonfinite
+        record = torch.tensor([self.trainer.global_step, self.trainer.current_epoch, what], dtype=first.dtype, device=first.device)
+        record = torch.cat([record, value.detach().to(first).reshape(1)])
+        first.copy_(torch.where(~torch.isfinite(value.detach()) & (first[0] < 0), record, first))
+
+    def check_finite(self) -> None:
+        """One host sync: NonFiniteLossError if a non-finite loss or gradient norm was recorded."""
+        step, epoch, what, value = self.first_nonfinite.tolist()
+        if step >= 0:
+            raise self._diverged(("train/loss", "the gradient norm")[int(what)], value, int(step), int(epoch))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:  # when Lightning syncs to log anyway
+            self.check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        # a grad scaler (16-mixed) skips steps with inf gradients by design; otherwise the step would write nan weights
-        finite = bool(torch.isfinite(norm))
-        if not finite and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            raise self._diverged("the gradient norm", norm)
-        if finite:
-            self.log("train/grad_norm", norm, batch_size=1)
+        # a grad scaler (16-mixed) skips steps with inf gradients by design; otherwise the step writes nan weights, and
+        # the run stops at the next check, before any checkpoint holds them
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            self.note_nonfinite(norm, 1)
+        self.log("train/grad_norm", norm, batch_size=1)
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
-    def _diverged(self, what: str, value: Tensor) -> NonFiniteLossError:
+    def _diverged(self, what: str, value: float, step: int, epoch: int) -> NonFiniteLossError:
         trainer = self.trainer
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         return NonFiniteLossError(
-            f"{what} is {value.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}): training stopped before "
-            f"the weights took this step, so the saved checkpoints keep finite weights. Likely fixes: a lower learning rate "
+            f"{what} is {value} at step {step} (epoch {epoch}): training stopped at step {trainer.global_step}, before any "
+            f"checkpoint held weights from step {step} on, so the saved checkpoints keep finite weights. Likely fixes: a lower learning rate "
             f"(optim.optimizer.lr, now {lr:g}), gradient clipping (trainer.gradient_clip_val=1.0, now {trainer.gradient_clip_val}), "
             f"trainer.precision=32 (now {trainer.precision}); or check the data for nan values"
         )
@@ -135,6 +157,7 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": factory(optimizer=optimizer, **kwargs), **cfg}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # before the file is written: no checkpoint holds weights from a non-finite step on
         checkpoint["difflab_config"] = self.model.config
         checkpoint["class_names"] = self.model.class_names
         checkpoint["difflab_data"] = self.model.data
