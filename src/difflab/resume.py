@@ -84,7 +84,8 @@ class Preemption(L.Callback):
 
     def _note(self, signum: int, frame: Any) -> None:
         if not self.received:
-            log.warning(f"received {signal.Signals(signum).name}: stopping after this batch, with a checkpoint")
+            log.warning(f"received {signal.Signals(signum).name}: stopping after this batch (under DDP: at the next logging "
+                        "step), with a checkpoint")
         self.received = self.received or signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -115,7 +116,9 @@ class Preemption(L.Callback):
         return received
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._stop_if_signalled(trainer, pl_module)
+        # under DDP the ranks agree by an all-reduce (a host sync): at the logging interval only, not every step
+        if trainer.world_size == 1 or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._stop_if_signalled(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a signal during validation or the sample grids: stop at the end of the epoch
