@@ -238,3 +238,19 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(bad)
+
+
+def test_the_data_is_hashed_after_prepare_data(tmp_path, monkeypatch):
+    """CIFAR-10 downloads in prepare_data: the identity saved in checkpoints must hash the files it leaves, not what was
+    there before."""
+    from difflab.data.datamodule import ArrayDataModule
+    from difflab.data.sprites import SpritesDataModule
+
+    order = []
+    monkeypatch.setattr(SpritesDataModule, "prepare_data", lambda self: order.append("prepare_data"), raising=False)
+    identity = ArrayDataModule.identity
+    monkeypatch.setattr(ArrayDataModule, "identity", lambda self: order.append("identity") or identity(self))
+    train(compose_cfg(TINY, tmp_path))
+    assert order[:2] == ["prepare_data", "identity"]
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["difflab_data"]
+    assert hashlib.sha256((Path(compose_cfg(TINY, tmp_path).data.path)).read_bytes()).hexdigest() in saved["files"].values()

@@ -85,6 +85,17 @@ def finished(cfg: DictConfig) -> dict[str, float] | None:
     return {**found, **({"val/loss": float(training["val_loss"])} if training.get("val_loss") is not None else {})}
 
 
+class DataIdentity(L.Callback):
+    """The data set's identity (file hashes) into the model, and so into its checkpoints, once ``prepare_data`` has run:
+    a first run on a fresh machine downloads CIFAR-10 there, and hashing earlier would find no files."""
+
+    def __init__(self, choice: str | None) -> None:
+        self.choice = choice
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.model.data = {**trainer.datamodule.identity(), "choice": self.choice}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     use_tf32(cfg.get("tf32", True))
     quiet_duplicate_logs()
@@ -104,7 +115,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    module.model.data = {**datamodule.identity(), "choice": hydra_choice("data")}
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"model {cfg.model._target_}: {n_params / 1e6:.2f}M parameters; schedule {module.schedule}; {module.model.objective}")
 
@@ -128,7 +138,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     final_eval = instantiate(cfg.final_eval) if "_target_" in (cfg.get("final_eval") or {}) else None
     # always on, and after the configured ones: a signal's checkpoint must include this step's EMA update
     clock = RunClock()
-    callbacks = [*instantiate_group(cfg.get("callbacks")), TimeBudget(), clock, RandomStates(), Preemption(), FinalCheckpoint()]
+    callbacks = [DataIdentity(hydra_choice("data")), *instantiate_group(cfg.get("callbacks")), TimeBudget(), clock, RandomStates(),
+                 Preemption(), FinalCheckpoint()]
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without one (it has nowhere to write)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
