@@ -254,3 +254,12 @@ def test_the_data_is_hashed_after_prepare_data(tmp_path, monkeypatch):
     assert order[:2] == ["prepare_data", "identity"]
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["difflab_data"]
     assert hashlib.sha256((Path(compose_cfg(TINY, tmp_path).data.path)).read_bytes()).hexdigest() in saved["files"].values()
+
+
+def test_a_multi_process_run_is_told_its_global_batch():
+    from difflab.train import global_batch_note
+
+    assert global_batch_note(1, 128, 2e-4) is None
+    note = global_batch_note(4, 128, 2e-4)
+    assert "4 processes x data.batch_size=128 = 512 images per step" in note
+    assert "data.batch_size=32" in note and "optim.optimizer.lr=0.0008" in note

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
 from difflab.budget import RunClock, TimeBudget
@@ -85,6 +86,17 @@ def finished(cfg: DictConfig) -> dict[str, float] | None:
     return {**found, **({"val/loss": float(training["val_loss"])} if training.get("val_loss") is not None else {})}
 
 
+def global_batch_note(world_size: int, batch_size: int, lr: float | None) -> str | None:
+    """What a multi-process run trains on, said once: each of its steps takes world_size x data.batch_size images."""
+    if world_size <= 1:
+        return None
+    return (f"{world_size} processes x data.batch_size={batch_size} = {world_size * batch_size} images per step, {world_size}x a "
+            f"single-process run of this config, with the same learning rate (optim.optimizer.lr={lr}) and steps/epochs. "
+            f"For the single-process recipe's images per step use data.batch_size={max(batch_size // world_size, 1)}; to keep "
+            f"the global batch and scale the learning rate linearly, optim.optimizer.lr={lr * world_size if lr else lr:g}; "
+            "trainer.max_steps (or max_epochs) counts these larger steps")
+
+
 class DataIdentity(L.Callback):
     """The data set's identity (file hashes) into the model, and so into its checkpoints, once ``prepare_data`` has run:
     a first run on a fresh machine downloads CIFAR-10 there, and hashing earlier would find no files."""
@@ -144,6 +156,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without one (it has nowhere to write)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    note = global_batch_note(trainer.world_size, cfg.data.batch_size, cfg.optim.optimizer.get("lr"))
+    if note:
+        rank_zero_warn(note)
     for logger in loggers:
         logger.log_hyperparams(to_container(cfg))
 
