@@ -25,7 +25,7 @@ from difflab.editing import Inpaint, Interpolate, Vary
 from difflab.images import grid, save_png
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.model import load_model
-from difflab.sampling import ImageNoise, SamplingSpec, generate
+from difflab.sampling import SamplingSpec, generate
 from report import cpu_name  # noqa: E402  (bench/report.py: python bench/edit_quality.py puts bench/ on the path)
 
 REGIONS = ("top", "bottom", "left", "right")
@@ -133,7 +133,7 @@ def main() -> None:
     for pair in range(24):
         a, b = pair % k, (pair % k if pair < 12 else (pair + 3) % k)
         ctx = ((1 - w)[:, None] * torch.eye(k)[a].double() + w[:, None] * torch.eye(k)[b].double()).float()
-        out = generate(model, spec, ctx, edit=Interpolate([(pair, 0), (100 + pair, 0)], w, ImageNoise))
+        out = generate(model, spec, ctx, edit=Interpolate([(pair, 0), (100 + pair, 0)], w))
         changes.append((out.pixels[1:].float() - out.pixels[:-1].float()).abs().mean((1, 2, 3)))
     c = torch.stack(changes)
     ratio = c.max(1).values / c.mean(1)

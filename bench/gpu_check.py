@@ -10,7 +10,8 @@ own processes) and writes one report, <out>/gpu_check.md (and .json):
   2. resume bit-exactness: N steps straight against N/2, stop, resume to N (CUDA: trainer.deterministic=true and the
      CUDA RNG states in the checkpoint): every weight and optimizer state equal;
   3. DDP with every visible GPU (CPU: 2 processes, gloo): the run finishes with world size N;
-  4. sample.py on the device against the CPU at the same seed, float32, TF32 off: every image within the bound
+  4. sample.py on the device against the CPU at the same seed and noise streams (noise=counter), float32, TF32 off:
+     every image within the bound
      difflab.tolerance.chain_tol derives from float32's rounding (the same math in other kernels);
   5. evaluate.py on the device (default precision) and on the CPU at the same seed: FD and class-balanced accuracy side by
      side (in bf16 the kernels round differently, so the figures are compared with the seed-to-seed spread, not equality);
@@ -161,7 +162,8 @@ def main() -> None:
 
     # 4. sample.py on the device against the CPU, float32, TF32 off
     n, guidance, sampling_steps = (8, 2.0, 15) if cuda else (2, 2.0, 4)
-    common = ["sample.py", "ckpt=pretrained", f"n={n}", "label=all", "gif=false", "precision=32", "tf32=false", "palette=null",
+    # noise=counter on both: the streams CUDA makes by default, which the CPU can make too
+    common = ["sample.py", "ckpt=pretrained", f"n={n}", "label=all", "gif=false", "precision=32", "tf32=false", "palette=null", "noise=counter",
               f"steps={sampling_steps}", f"guidance={guidance}"]
     pixels = {}
     # CPU mode: the "device" run takes another batch size, so the comparison still compares other kernel calls
@@ -173,7 +175,7 @@ def main() -> None:
     # the bound: chain_tol with the largest network output of these very samples (made again here on the CPU)
     model = load_model("pretrained")
     spec = SamplingSpec({"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": sampling_steps}, guidance=guidance,
-                        precision="32", palette=None)
+                        precision="32", palette=None, noise="counter")
     peak = []
     hook = model.net.register_forward_hook(lambda m, i, o: peak.append(float(o.abs().max())))
     generate(model, spec, torch.eye(model.num_classes).repeat_interleave(n, 0))

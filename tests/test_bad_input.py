@@ -176,6 +176,7 @@ SPEC_CASES = [
     ("palette_colors", "1", "palette_colors=1: must be an integer >= 2"),
     ("batch_size", "0", "batch_size=0: must be an integer >= 1"),
     ("steps", "0", "steps=0: must be an integer >= 1"),
+    ("noise", "philox", "noise=philox: choose one of auto, generator, counter"),
 ]
 
 

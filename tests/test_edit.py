@@ -16,7 +16,7 @@ from difflab.editing import Inpaint, Interpolate, Vary, repaint_path, slerp, wal
 from difflab.model import load_model
 from difflab.samplers import DDIMSampler, DPMSolverPP2MSampler, HeunSampler
 from difflab.samplers.base import spaced_timesteps
-from difflab.sampling import ImageNoise, SamplingSpec, generate
+from difflab.sampling import SamplingSpec, generate
 from difflab.schedules import LinearSchedule
 
 from support import check_one_line, run_in_process, run_script
@@ -127,7 +127,7 @@ def test_interpolation_ends_are_the_two_samples_and_frames_change_smoothly(model
     w = torch.linspace(0, 1, frames, dtype=torch.float64)
     ends = torch.eye(6)[[0, 5]]
     contexts = ((1 - w)[:, None] * ends[0] + w[:, None] * ends[1]).float()
-    out = generate(model, spec, contexts, edit=Interpolate([(3, 0), (8, 0)], w, ImageNoise))
+    out = generate(model, spec, contexts, edit=Interpolate([(3, 0), (8, 0)], w))
     for seed, label, frame in ((3, 0, 0), (8, 5, frames - 1)):
         own = generate(model, SamplingSpec(DPMSolverPP2MSampler(8), seed=seed), torch.eye(6)[[label]])
         assert torch.equal(own.pixels[0], out.pixels[frame])

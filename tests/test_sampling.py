@@ -3,12 +3,15 @@ settings), through sample.py, evaluate.py and the plan's ranks; one precision po
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from difflab.config import to_container
 from difflab.errors import ConfigError
-from difflab.model import DiffusionModel
+from difflab.model import DiffusionModel, build_model
 from difflab.nn.unet import UNet
 from difflab.objectives import EpsPrediction
 from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, HeunSampler, UniPCSampler
@@ -190,3 +193,45 @@ def test_sample_py_and_evaluate_py_make_the_same_images(checkpoint, tmp_path, na
     assert ev["images"].tobytes() == runs[3]["images"].tobytes()
     diff = np.abs(runs[8]["images"].astype(int) - runs[3]["images"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_the_cpu_noise_is_one_torch_generator_per_image_as_before():
+    noise = ImageNoise(7, [0, 5])
+    first, second = noise.randn((3, 4, 4)), noise.randn((3, 4, 4))
+    for row, i in enumerate([0, 5]):
+        g = torch.Generator().manual_seed(image_seed(7, i))
+        assert torch.equal(first[row], torch.randn((3, 4, 4), generator=g))
+        assert torch.equal(second[row], torch.randn((3, 4, 4), generator=g))
+    spec = SamplingSpec(DDIMSampler(2))
+    assert not spec.counter_noise("cpu") and spec.counter_noise("cuda") and spec.counter_noise(torch.device("cuda", 1))
+    assert SamplingSpec(DDIMSampler(2), noise="counter").counter_noise("cpu")
+    assert not SamplingSpec(DDIMSampler(2), noise="generator").counter_noise("cuda")
+
+
+def test_counter_noise_is_standard_normal_per_image_whatever_the_batch():
+    from scipy import stats
+
+    batch = ImageNoise(3, range(64), counter=True)
+    draws = [batch.randn((3, 16, 16)) for _ in range(3)]
+    alone = ImageNoise(3, [17], counter=True)
+    for d in draws:
+        assert torch.equal(alone.randn((3, 16, 16))[0], d[17])  # image 17's stream, whatever else is in the batch
+    x = torch.stack(draws).flatten().double()
+    n = x.numel()
+    # mean and variance of n standard normals: standard errors 1/sqrt(n) and sqrt(2/n); 5 of them
+    assert abs(x.mean()) < 5 / math.sqrt(n) and abs(x.var() - 1) < 5 * math.sqrt(2 / n)
+    assert stats.kstest(x.numpy(), "norm").pvalue > 1e-4
+    rows = torch.stack(draws)[0].flatten(1)
+    off = torch.corrcoef(rows) - torch.eye(64)
+    assert off.abs().max() < 5 / math.sqrt(rows.shape[1])  # images' noises are uncorrelated
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_counter_noise_samples_do_not_depend_on_the_batch_size(tmp_path):
+    model = build_model(to_container(compose_cfg(["model=unet_tiny", "timesteps=20"], tmp_path)))
+    contexts = torch.eye(model.num_classes)[torch.arange(6) % model.num_classes]
+    out = {b: generate(model, SamplingSpec(DDIMSampler(3), noise="counter", batch_size=b, palette=None), contexts).images
+           for b in (6, 4)}
+    plain = generate(model, SamplingSpec(DDIMSampler(3), noise="generator", palette=None), contexts).images
+    assert (out[6] - out[4]).abs().max() <= 3 * 5 * reorder_tol(out[6], layers=8, width=9 * 32)
+    assert (out[6] - plain).abs().max() > 0.1  # other streams: other images

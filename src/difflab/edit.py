@@ -27,7 +27,7 @@ from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.model import DiffusionModel, load_model
 from difflab.sample import LabelError, class_index, pick_device
-from difflab.sampling import ImageNoise, SamplingSpec, generate
+from difflab.sampling import SamplingSpec, generate
 from difflab.validate import integer
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def _interpolate(cfg: DictConfig, model: DiffusionModel, spec: SamplingSpec, lab
         ends = torch.eye(model.num_classes)[[class_index(lab, model.class_names) for lab in labels]].double()
         # c = (1 - w) c_a + w c_b: a mix of the two classes, as context= gives
         contexts = ((1 - weights)[:, None] * ends[0] + weights[:, None] * ends[1]).float()
-    the_edit = instantiate(cfg.edit, ends=[(seeds[0], 0), (seeds[1], 0)], weights=weights, stream=ImageNoise)
+    the_edit = instantiate(cfg.edit, ends=[(seeds[0], 0), (seeds[1], 0)], weights=weights)
     start = time.perf_counter()
     out = generate(model, spec, contexts, frames, edit=the_edit, progress=True)
     seconds = time.perf_counter() - start

@@ -91,9 +91,9 @@ def noised(s: NoiseSchedule, x0: Tensor, t: int, z: Tensor) -> Tensor:
 class Edit:
     """What ``generate`` asks of an edit. ``rows``: the slice of the batch being sampled (sources and masks per row)."""
 
-    def noise(self, make: Callable[[Sequence[int]], Noise], index: Sequence[int]) -> Noise:
-        """The noise streams of images ``index`` (``make``: the spec's per-image streams)."""
-        return make(index)
+    def noise(self, streams: Callable[[int, Sequence[int]], Noise], seed: int, index: Sequence[int]) -> Noise:
+        """The noise of images ``index``; ``streams(seed, index)``: the request's per-image streams."""
+        return streams(seed, index)
 
     def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
                record_every: int = 0, progress: bool = False) -> SampleOutput:
@@ -215,14 +215,14 @@ class Interpolate(Edit):
     between theirs; the contexts (interpolated by the caller) follow the same weights. Frames at weight 0 and 1 are the
     two ends' own samples."""
 
-    def __init__(self, ends: Sequence[tuple[int, int]], weights: Tensor, stream: Callable[[int, Sequence[int]], Noise]) -> None:
+    def __init__(self, ends: Sequence[tuple[int, int]], weights: Tensor) -> None:
         if len(ends) != 2:
             raise ValueError(f"Interpolate: two ends (seed, index), got {ends}")
-        self.ends, self.weights, self.stream = [tuple(e) for e in ends], weights.double(), stream
+        self.ends, self.weights = [tuple(e) for e in ends], weights.double()
 
-    def noise(self, make: Callable[[Sequence[int]], Noise], index: Sequence[int]) -> Noise:
+    def noise(self, streams: Callable[[int, Sequence[int]], Noise], seed: int, index: Sequence[int]) -> Noise:
         (seed_a, i_a), (seed_b, i_b) = self.ends
-        return SlerpNoise(self.stream(seed_a, [i_a] * len(index)), self.stream(seed_b, [i_b] * len(index)),
+        return SlerpNoise(streams(seed_a, [i_a] * len(index)), streams(seed_b, [i_b] * len(index)),
                           self.weights[torch.as_tensor(list(index))])
 
     def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,

@@ -9,7 +9,9 @@ runs between steps.
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -46,3 +48,34 @@ def restore_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    # MurmurHash3's finalizer on 32-bit words held in int64 (the products wrap; the mask keeps their low 32 bits)
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def counter_normal(keys: Sequence[int], draw: int, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal numbers (len(keys), *shape), float32, made on ``device`` by integer hashing of (key, draw,
+    element): a counter-based generator, so row b depends only on keys[b] (a 64-bit seed) and the draw number, whatever
+    the batch, and a GPU makes them itself instead of copying them from the host. Two hashed 32-bit words per element
+    give uniforms u1, u2 in (0, 1); z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller), in float64."""
+    k = torch.tensor([[key & _M32, (key >> 32) & _M32] for key in keys], dtype=torch.int64, device=device)
+    n = math.prod(shape)
+    j = torch.arange(2 * n, dtype=torch.int64, device=device)
+    salt = (draw * 0x9E3779B9 + 0x632BE5AB) & _M32
+    # per image and draw, two well-mixed words a, b; then element j -> fmix(fmix(j ^ a) ^ b): a bijection of j for each
+    # (a, b), so within an image no two elements share a word, and other images (other a, b) get unrelated words
+    a = _fmix32(_fmix32(k[:, :1] ^ salt) ^ k[:, 1:])
+    b = _fmix32(a ^ 0x5BD1E995)
+    h = _fmix32(_fmix32(j[None, :] ^ a) ^ b)
+    u = (h.double() + 0.5) / 2.0**32
+    z = (-2 * u[:, :n].log()).sqrt() * torch.cos(2 * math.pi * u[:, n:])
+    return z.float().reshape(len(keys), *shape)

@@ -28,11 +28,13 @@ from difflab.errors import ConfigError
 from difflab.guidance import Guidance
 from difflab.images import PALETTES, data_palette, snap_to_palette, to_uint8
 from difflab.model import DiffusionModel
+from difflab.rng import counter_normal
 from difflab.samplers.base import SampleOutput, Sampler
 from difflab.samplers.consistency import ConsistencySampler
 from difflab.validate import integer
 
 PRECISIONS = ("auto", "32", "bf16")
+NOISES = ("auto", "generator", "counter")
 log = logging.getLogger(__name__)
 
 
@@ -47,12 +49,16 @@ class SamplingSpec:
     """
 
     FIELDS = ("sampler", "steps", "guidance", "guidance_interval", "guidance_rescale", "precision", "palette", "palette_colors",
-              "seed", "batch_size")
+              "seed", "batch_size", "noise")
 
     def __init__(self, sampler: Mapping[str, Any] | Sampler, steps: int | None = None, guidance: float = 2.0,
                  guidance_interval: Sequence[float] | None = None, guidance_rescale: float = 0.0, precision: str = "auto",
-                 palette: str | None = "auto", palette_colors: int = 16, seed: int = 0, batch_size: int = 256) -> None:
+                 palette: str | None = "auto", palette_colors: int = 16, seed: int = 0, batch_size: int = 256,
+                 noise: str = "auto") -> None:
         self.seed = integer("seed", seed, 0)
+        if noise not in NOISES:
+            raise ConfigError(f"noise={noise}: choose one of {', '.join(NOISES)} (auto: counter on CUDA, generator on the CPU)")
+        self.noise = noise
         self.batch_size = integer("batch_size", batch_size, 1)
         self.steps = integer("steps", steps, 1) if steps is not None else None
         if str(precision) not in PRECISIONS:
@@ -94,6 +100,10 @@ class SamplingSpec:
             fast = cuda_has_bf16() if device.type == "cuda" else cpu_has_bf16()
             precision = "bf16" if fast else "32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def counter_noise(self, device: torch.device | str) -> bool:
+        """Whether images' noise comes from counter streams made on ``device`` (ImageNoise)."""
+        return self.noise == "counter" or (self.noise == "auto" and torch.device(device).type == "cuda")
 
     def sampler_for(self, model: DiffusionModel) -> Sampler:
         """The sampler that samples ``model``: the one asked for, or with sampler=auto the one for its kind; a consistency
@@ -141,7 +151,8 @@ class SamplingSpec:
                 "guidance_interval": list(self.guidance.interval) if self.guidance.interval else None,
                 "guidance_rescale": self.guidance.rescale, "precision": self.precision,
                 "dtype": str(self.dtype(model.device)).removeprefix("torch."), "palette": palette,
-                "palette_colors": self.palette_colors if palette else None, "seed": self.seed, "batch_size": self.batch_size}
+                "palette_colors": self.palette_colors if palette else None, "seed": self.seed, "batch_size": self.batch_size,
+                "noise": "counter" if self.counter_noise(model.device) else "generator"}
 
     def row(self, model: DiffusionModel) -> dict[str, Any]:
         """The request as columns of a results table (evaluate.py's results.csv and sweep tables)."""
@@ -162,14 +173,24 @@ def image_seed(seed: int, index: int) -> int:
 
 
 class ImageNoise:
-    """Standard normal draws whose row b comes from the generator of image ``index[b]`` (CPU, float32: the same
-    numbers on every device)."""
+    """Standard normal draws whose row b comes from the stream of image ``index[b]``, seeded by (seed, index[b]).
 
-    def __init__(self, seed: int, index: Sequence[int]) -> None:
-        self.generators = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in index]
+    counter=False: one torch.Generator per image, drawn on the CPU (float32: the same numbers on every device) and copied
+    to the device. counter=True: difflab.rng.counter_normal, made on the device itself from (image seed, draw number),
+    with no per-image loop and no copy: SamplingSpec's noise=auto takes it on CUDA. The two give other numbers (the same
+    distribution); each is reproducible on its own."""
+
+    def __init__(self, seed: int, index: Sequence[int], counter: bool = False) -> None:
+        self.counter = counter
+        self.keys = [image_seed(seed, int(i)) for i in index]
+        self.draws = 0  # counter streams: how many draws so far (every image takes part in every draw)
+        self.generators = [] if counter else [torch.Generator().manual_seed(k) for k in self.keys]
 
     def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
         """(len(index), *shape)."""
+        if self.counter:
+            self.draws += 1
+            return counter_normal(self.keys, self.draws - 1, tuple(shape), device).to(dtype)
         return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators]).to(device, dtype)
 
     def randn_like(self, x: Tensor) -> Tensor:
@@ -203,8 +224,9 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
     try:
         for start in range(0, n, spec.batch_size):
             rows = slice(start, start + spec.batch_size)
-            streams = partial(ImageNoise, spec.seed)
-            noise = edit.noise(streams, index[rows].tolist()) if edit is not None else streams(index[rows].tolist())
+            streams = partial(ImageNoise, counter=spec.counter_noise(device))
+            chunk = index[rows].tolist()
+            noise = edit.noise(streams, spec.seed, chunk) if edit is not None else streams(spec.seed, chunk)
             ctx = contexts[rows].to(device) if contexts is not None else None
             x_T = noise.randn(model.image_shape, device)
             denoise = runner.denoiser(ctx, spec.guidance)
