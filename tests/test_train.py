@@ -263,3 +263,4 @@ def test_a_multi_process_run_is_told_its_global_batch():
     note = global_batch_note(4, 128, 2e-4)
     assert "4 processes x data.batch_size=128 = 512 images per step" in note
     assert "data.batch_size=32" in note and "optim.optimizer.lr=0.0008" in note
+    assert "scale the learning rate" not in global_batch_note(2, 64, None)  # an optimizer on its own default learning rate

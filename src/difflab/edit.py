@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from difflab.config import use_tf32
+from difflab.config import plain, use_tf32
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.model import DiffusionModel, load_model
-from difflab.sample import LabelError, class_index, pick_device
+from difflab.sample import LabelError, class_index, grid_row, pick_device
 from difflab.sampling import SamplingSpec, generate
 from difflab.validate import integer
 
@@ -145,17 +145,17 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train").to(device)
     model = model.for_inference(spec.dtype(device))
     mode = cfg.mode
-    label = OmegaConf.to_object(cfg.label) if OmegaConf.is_config(cfg.label) else cfg.label
+    label = plain(cfg.label)
     folder = Path(cfg.paths.output_dir)
     if mode == "interpolate":
         return _interpolate(cfg, model, spec, label, folder)
     n = integer("n", cfg.n, 1, " (results per source)")
-    alpha = OmegaConf.to_object(cfg.alpha) if OmegaConf.is_config(cfg.alpha) else cfg.alpha
+    alpha = plain(cfg.alpha)
     source, own_label, described = read_image(cfg.image, model, alpha)
     target = _one_label(model, label, own_label, cfg.image)
     sources = source.expand(n, *source.shape).contiguous()
     if mode == "inpaint":
-        mask_spec = OmegaConf.to_object(cfg.mask) if OmegaConf.is_config(cfg.mask) else cfg.mask
+        mask_spec = plain(cfg.mask)
         fill = read_mask(mask_spec, model.image_shape[-1])
         the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous())
         inputs = {"source": source, "fill": fill[0]}
@@ -179,14 +179,14 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
                                 class_names=np.array(model.class_names, dtype=str), index=np.arange(n),
                                 **{k: (v.permute(1, 2, 0) if v.ndim == 3 else v).numpy() for k, v in inputs.items()})
     if cfg.gif:
-        files["chain"] = save_gif([grid(x, _row(n)) for x in out.chain], folder / "chain.gif")
+        files["chain"] = save_gif([grid(x, grid_row(n)) for x in out.chain], folder / "chain.gif")
     return _finish(files, folder, model, spec, the_edit, {"image": str(cfg.image), "source": described,
                    "label": model.class_names[target] if target is not None else None, "n": n}, seconds, n, device)
 
 
 def _interpolate(cfg: DictConfig, model: DiffusionModel, spec: SamplingSpec, label: Any, folder: Path) -> dict[str, Path]:
     frames = integer("frames", cfg.frames, 2, " (frames from one end to the other, both included)")
-    seeds = OmegaConf.to_object(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
+    seeds = plain(cfg.seeds)
     if not (isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) == 2):
         raise ConfigError(f"seeds={seeds!r}: give the two ends' seeds, seeds=[3,8] (the same seed twice: only the label moves)")
     seeds = [integer("seeds", s, 0) for s in seeds]
@@ -240,10 +240,6 @@ def _shade(image: Tensor, fill: Tensor) -> Tensor:
     # the source with the pixels to fill tinted magenta, as a picture of the mask
     magenta = torch.tensor([255, 0, 255], dtype=torch.float32)[:, None, None]
     return torch.where(fill, (image.float() + magenta) / 2, image.float()).round().to(torch.uint8)
-
-
-def _row(n: int) -> int:
-    return max(1, int(np.ceil(np.sqrt(n))))
 
 
 def _finish(files: dict[str, Path], folder: Path, model: DiffusionModel, spec: SamplingSpec, the_edit: Any,

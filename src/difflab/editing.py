@@ -137,10 +137,9 @@ class Inpaint(Edit):
             # x <- m x + (1 - m) x_t(source), m the pixels to fill: the kept ones at x's noise level
             return torch.where(fill, x, noised(s, x0, t, noise_like(x, noise)))
 
-        steps = len(step_by_step(sampler).timesteps(s.timesteps))
-        path = repaint_path(steps, self.jump_length, self.jump_n_sample) if self.method == "repaint" else list(range(steps + 1))
-        start = sampler.timesteps(s.timesteps)[0]
-        out = walk(sampler, denoise, s, keep(x_T, start), noise, path, keep, record_every, progress)
+        ts = step_by_step(sampler).timesteps(s.timesteps)
+        path = repaint_path(len(ts), self.jump_length, self.jump_n_sample) if self.method == "repaint" else list(range(len(ts) + 1))
+        out = walk(sampler, denoise, s, keep(x_T, ts[0]), noise, path, keep, record_every, progress)
         out.images = torch.where(fill, out.images, x0)  # the kept pixels exactly (the last keep did it; also in bf16)
         return out
 

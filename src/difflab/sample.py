@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
-from difflab.config import use_tf32
+from difflab.config import plain, use_tf32
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.model import load_model
@@ -62,9 +62,9 @@ def build_contexts(label: Any, context: Any, n: int, class_names: Sequence[str])
         else:
             raise LabelError(f"context={context!r}: give a mix {{hero: 1.0, food: 0.6}} or a vector of {k} weights")
         desc = ", ".join(f"{w:g} {n}" for n, w in zip(class_names, vec.tolist()) if w)
-        return vec.expand(n, k).clone(), _row(n), [desc or "zero context"]
+        return vec.expand(n, k).clone(), grid_row(n), [desc or "zero context"]
     if label is None:
-        return None, _row(n), ["unconditional"]
+        return None, grid_row(n), ["unconditional"]
     if label == "all":
         labels: list[Any] = list(range(k))
     elif isinstance(label, (str, int)):
@@ -75,7 +75,7 @@ def build_contexts(label: Any, context: Any, n: int, class_names: Sequence[str])
         raise LabelError(f"label={label!r}: give a class name or index, a list [hero, food], or all")
     idx = [class_index(lab, class_names) for lab in labels]
     contexts = torch.eye(k)[idx].repeat_interleave(n, 0)
-    row = n if len(idx) > 1 and n <= 16 else _row(n)
+    row = n if len(idx) > 1 and n <= 16 else grid_row(n)
     return contexts, row, [class_names[i] for i in idx]
 
 
@@ -89,7 +89,8 @@ def _weight(name: Any, value: Any) -> float:
     return weight
 
 
-def _row(n: int) -> int:
+def grid_row(n: int) -> int:
+    """Images per grid row: a square-ish grid."""
     return max(1, math.ceil(math.sqrt(n)))
 
 
@@ -119,7 +120,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     class_names = model.class_names if model.num_classes else []
     if not model.num_classes and (cfg.label is not None or cfg.context is not None):
         raise LabelError(f"{model.source} is an unconditional model: drop label=/context=")
-    label, context = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (cfg.label, cfg.context))
+    label, context = plain(cfg.label), plain(cfg.context)
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
     record = spec.record(model)

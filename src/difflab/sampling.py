@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from difflab.config import cpu_has_bf16, cuda_has_bf16
+from difflab.config import cpu_has_bf16, cuda_has_bf16, plain
 from difflab.editing import Edit
 from difflab.errors import ConfigError
 from difflab.guidance import Guidance
@@ -68,10 +67,10 @@ class SamplingSpec:
             raise ConfigError(f"palette={palette}: choose one of {', '.join(PALETTES)}, auto (sprite for pixel art) or null (the raw samples)")
         self.palette = palette
         self.palette_colors = integer("palette_colors", palette_colors, 2, " (real sprites use about 8)")
-        self.guidance = Guidance(guidance, _plain(guidance_interval), guidance_rescale)
+        self.guidance = Guidance(guidance, plain(guidance_interval), guidance_rescale)
         if isinstance(sampler, Sampler) and steps is not None:
             raise ConfigError(f"steps={steps} with a built {type(sampler).__name__}: give the steps to the sampler itself")
-        sampler = sampler if isinstance(sampler, Sampler) else _plain(sampler)
+        sampler = sampler if isinstance(sampler, Sampler) else plain(sampler)
         # sampler=auto (conf/sampler/auto.yaml): one node per kind of model, built for the model that is sampled
         self.auto = sampler if isinstance(sampler, dict) and "_target_" not in sampler else None
         self.sampler = None if self.auto else sampler if isinstance(sampler, Sampler) else instantiate(self._with_steps(sampler))
@@ -90,7 +89,7 @@ class SamplingSpec:
     def from_config(cls, cfg: Any) -> SamplingSpec:
         """The spec of a config that holds conf/sampling/'s keys at its top level (sample.py, evaluate.py); values may
         interpolate the rest of the config (batch_size=${n})."""
-        return instantiate({k: _plain(cfg[k]) for k in ("_target_", "_recursive_", *cls.FIELDS)})
+        return instantiate({k: plain(cfg[k]) for k in ("_target_", "_recursive_", *cls.FIELDS)})
 
     def dtype(self, device: torch.device | str) -> torch.dtype:
         """The network's dtype for this precision on ``device``."""
@@ -163,10 +162,6 @@ class SamplingSpec:
                 "batch_size": r["batch_size"], "precision": r["dtype"]}
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def image_seed(seed: int, index: int) -> int:
     # well-mixed 64-bit seeds: images (and runs with nearby seeds) never share a stream
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
@@ -222,9 +217,9 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
     runner.net.eval()
     parts: list[SampleOutput] = []
     try:
+        streams = partial(ImageNoise, counter=spec.counter_noise(device))
         for start in range(0, n, spec.batch_size):
             rows = slice(start, start + spec.batch_size)
-            streams = partial(ImageNoise, counter=spec.counter_noise(device))
             chunk = index[rows].tolist()
             noise = edit.noise(streams, spec.seed, chunk) if edit is not None else streams(spec.seed, chunk)
             ctx = contexts[rows].to(device) if contexts is not None else None

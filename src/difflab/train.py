@@ -92,9 +92,9 @@ def global_batch_note(world_size: int, batch_size: int, lr: float | None) -> str
         return None
     return (f"{world_size} processes x data.batch_size={batch_size} = {world_size * batch_size} images per step, {world_size}x a "
             f"single-process run of this config, with the same learning rate (optim.optimizer.lr={lr}) and steps/epochs. "
-            f"For the single-process recipe's images per step use data.batch_size={max(batch_size // world_size, 1)}; to keep "
-            f"the global batch and scale the learning rate linearly, optim.optimizer.lr={lr * world_size if lr else lr:g}; "
-            "trainer.max_steps (or max_epochs) counts these larger steps")
+            f"For the single-process recipe's images per step use data.batch_size={max(batch_size // world_size, 1)}"
+            + (f"; to keep the global batch and scale the learning rate linearly, optim.optimizer.lr={lr * world_size:g}" if lr else "")
+            + "; trainer.max_steps (or max_epochs) counts these larger steps")
 
 
 class DataIdentity(L.Callback):
