@@ -96,6 +96,19 @@ def test_a_single_runs_bootstrap_interval_covers_its_own_figure(tmp_path):
     assert fd.hi - fd.lo == pytest.approx(np.quantile(fresh, 0.975) - np.quantile(fresh, 0.025), rel=0.5)
 
 
+def test_an_interval_stays_inside_the_figures_range(tmp_path):
+    from difflab.report import interval
+
+    for seed, hit_rate in zip((0, 1, 2), (1.0, 0.97, 0.94)):  # balanced accuracy 1.0 / ~0.97 / ~0.94: t reaches past 1
+        fake_run(tmp_path, seed, {"schedule": "linear"}, seed, 0.05, hit_rate)
+    (config,) = configurations(read_runs([tmp_path]))
+    values = list(config.values("cond_acc").values())
+    mean, sd = np.mean(values), np.std(values, ddof=1)
+    acc = interval(config, "cond_acc", draws=100)
+    assert mean + 4.303 * sd / np.sqrt(3) > 1  # Student's t_{2, 0.975} = 4.303: the raw interval leaves [0, 1]
+    assert acc.hi == 1.0 and acc.lo == pytest.approx(mean - 4.303 * sd / np.sqrt(3), rel=1e-3)
+
+
 def test_a_report_refuses_what_it_cannot_compare(tmp_path):
     with pytest.raises(ReportError, match="no finished runs"):
         write_report([tmp_path])

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # figure -> (title, lower is better); the first three get a verdict
 FIGURES = {"fd": ("FD", True), "cond_acc": ("balanced acc", False), "kid": ("KID", True), "memorized": ("memorized", True)}
 VERDICT_FIGURES = ("fd", "cond_acc", "kid")
+# the values a figure can take: a t interval over three seeds of accuracies near 1 reaches past 1, and the mean it
+# brackets cannot, so a level's interval is cut to the range (KID, an unbiased estimate, can be negative: no bounds)
+RANGES = {"fd": (0.0, math.inf), "cond_acc": (0.0, 1.0), "memorized": (0.0, 1.0)}
 # overrides that do not make a configuration: where things go, how they are logged, what the report compares against
 NOT_A_SETTING = re.compile(r"^(seed|ckpt_path|logger|hydra\..*|hydra/.*|paths\..*|report\..*|trainer\.devices|trainer\.accelerator|"
                            r"trainer\.enable_progress_bar|metrics\.(classifier_ckpt|classifiers_dir|cache_dir)|data\.(root|path))$")
@@ -194,6 +197,14 @@ def configurations(runs: list[Run]) -> list[Configuration]:
 
 
 def interval(config: Configuration, figure: str, draws: int) -> Interval | None:
+    found = _interval(config, figure, draws)
+    lo, hi = RANGES.get(figure, (-math.inf, math.inf))
+    if found is None or math.isnan(found.lo):
+        return found
+    return Interval(found.value, min(max(found.lo, lo), hi), max(min(found.hi, hi), lo), found.method)
+
+
+def _interval(config: Configuration, figure: str, draws: int) -> Interval | None:
     values = config.values(figure)
     if not values:
         return None
