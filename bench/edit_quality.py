@@ -52,11 +52,15 @@ def per_class(scores: dict, names: list[str]) -> str:
     return " / ".join(f"{scores.get(f'cond_acc/{c}', float('nan')):.2f}" for c in names)
 
 
+def hits(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, whether the classifier assigns it the asked class."""
+    return context.classifier.features_and_logits(images)[1].argmax(1) == labels
+
+
 def accuracy(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Class-balanced: the mean over the asked classes of the share the classifier assigns to the asked class."""
-    _, logits = context.classifier.features_and_logits(images)
-    hits = (logits.argmax(1) == labels).float()
-    return float(torch.stack([hits[labels == c].mean() for c in labels.unique()]).mean())
+    right = hits(context, images, labels).float()
+    return float(torch.stack([right[labels == c].mean() for c in labels.unique()]).mean())
 
 
 def timed(model, spec, contexts, edit=None):
@@ -105,15 +109,14 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
     # half of every inpainted image is the real source: where the classifier misses the source itself, the result
     # inherits it, so the accuracy is also split by whether the classifier recognises the (whole) real source
-    recognised = (context.classifier.features_and_logits(images)[1].argmax(1) == labels).repeat(len(REGIONS))
+    recognised = hits(context, images, labels).repeat(len(REGIONS))
     lines += ["", f"Accuracy by source: the classifier recognises {int(recognised.sum()) // len(REGIONS)} of the {n} real "
               "sources themselves; balanced accuracy of the results over those sources and plain accuracy over the others:", "",
               "| images | sources recognised | sources missed |", "|---|---|---|"]
     for name, (_, _, pixels) in rows.items():
-        hits = context.classifier.features_and_logits(pixels)[1].argmax(1) == all_labels
-        kept = [float(hits[recognised & (all_labels == c)].float().mean()) for c in all_labels[recognised].unique()]
-        missed = f"{float(hits[~recognised].float().mean()):.3f}" if (~recognised).any() else ""
-        lines.append(f"| {name} | {sum(kept) / len(kept):.3f} | {missed} |")
+        kept = accuracy(context, pixels[recognised], all_labels[recognised])
+        missed = f"{float(hits(context, pixels[~recognised], all_labels[~recognised]).float().mean()):.3f}" if (~recognised).any() else ""
+        lines.append(f"| {name} | {kept:.3f} | {missed} |")
     reference = context.reference()
     lines += ["", f"The real held-out sprites themselves (n={reference['n']}): FD {reference['fd']:.2f}, balanced accuracy "
               f"{reference['cond_acc']:.3f} (FD grows as n shrinks: compare the rows above with each other).", ""]
