@@ -171,8 +171,9 @@ def test_consistency_sampling_returns_f_and_renoises_with_the_images_own_stream(
 
 def test_consistency_sampler_settings_are_checked() -> None:
     assert ConsistencySampler(2, timesteps=[999, 299]).timesteps(1000) == [999, 299]
-    assert ConsistencySampler(2).timesteps(1000) == [999, 250]  # (T - 1) (1 - i/2)^2
-    assert ConsistencySampler(4, rho=1.0).timesteps(1000) == [999, 749, 500, 250]
+    assert ConsistencySampler(2).timesteps(1000) == [999, 500]  # (T - 1) (1 - i/2): round(499.5) = 500
+    assert ConsistencySampler(4).timesteps(1000) == [999, 749, 500, 250]
+    assert ConsistencySampler(2, rho=2.0).timesteps(1000) == [999, 250]  # (T - 1) (1 - i/2)^2
     with pytest.raises(ConfigError, match="repeats timesteps"):
         ConsistencySampler(8, rho=3.0).timesteps(20)
     with pytest.raises(ConfigError, match="1 to 8 steps"):

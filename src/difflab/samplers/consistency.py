@@ -21,7 +21,7 @@ MAX_STEPS = 8  # each step re-noises the last x_0 and loses detail; past a few, 
 class ConsistencySampler(Sampler):
     name = "consistency"
 
-    def __init__(self, steps: int = 2, rho: float = 2.0, timesteps: Sequence[int] | None = None, clip_x0: bool = True) -> None:
+    def __init__(self, steps: int = 2, rho: float = 1.0, timesteps: Sequence[int] | None = None, clip_x0: bool = True) -> None:
         check_settings(steps)
         self.rho = number("sampler.rho", rho, 0.1, 10, " (1: evenly spaced steps; larger: the later steps at lower noise)")
         if steps > MAX_STEPS:
