@@ -23,12 +23,15 @@ from hydra.utils import instantiate
 
 from difflab.editing import Inpaint, Interpolate, Vary
 from difflab.images import grid, save_png
+from difflab.metrics.intervals import t_interval
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.model import load_model
 from difflab.sampling import SamplingSpec, generate
 from report import cpu_name  # noqa: E402  (bench/report.py: python bench/edit_quality.py puts bench/ on the path)
 
 REGIONS = ("top", "bottom", "left", "right")
+SOLVER = {"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}  # the default sampling: DPM-Solver++ 15, guidance 2
+INPAINTING = {"fresh samples": None, "inpainted, replace": "replace", "inpainted, repaint": "repaint"}
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -73,6 +76,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="pretrained")
     p.add_argument("--limit", type=int, default=None, help="the first N held-out sprites only (a quick run)")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
+                   help="sampling seeds of the inpainting comparison, e.g. 0,1,2 (variations and interpolation: the first)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -83,40 +88,50 @@ def main() -> None:
     images, labels = images[: args.limit], onehot[: args.limit].argmax(1)
     n, k, size, names = len(images), model.num_classes, model.image_shape[-1], model.class_names
     context = MetricsContext(MetricsConfig(), datamodule, model.data or datamodule.identity(), conditional=True)
-    spec = SamplingSpec({"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}, seed=0)
+    spec = SamplingSpec(SOLVER, seed=args.seeds[0])
     lines = [f"# Edits of held-out sprites ({args.ckpt}, {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2, "
              f"palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
 
-    # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels
+    # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels, at each sampling seed
     sources = images.repeat(len(REGIONS), 1, 1, 1)
     all_labels = labels.repeat(len(REGIONS))
     fills = torch.cat([half(r, n, size) for r in REGIONS])
     contexts = torch.eye(k)[all_labels]
-    rows = {}
-    fresh, seconds = timed(model, spec, contexts)
-    rows["fresh samples"] = (score(context, fresh.pixels, all_labels), seconds, fresh.pixels)
-    for method in ("replace", "repaint"):
-        out, seconds = timed(model, spec, contexts, Inpaint(sources, fills, method))
-        rows[f"inpainted, {method}"] = (score(context, out.pixels, all_labels), seconds, out.pixels)
-    lines += [f"## Inpainting: each half (top, bottom, left, right) of {n} held-out sprites, its own label ({len(sources)} images)", "",
-              "| images | FD | balanced acc | per class (" + " / ".join(names) + ") | seconds per 64 |", "|---|---|---|---|---|"]
-    for name, (s, seconds, _) in rows.items():
-        lines.append(f"| {name} | {s['fd']:.2f} | {s['cond_acc']:.3f} | {per_class(s, names)} | {64 * seconds / len(sources):.2f} |")
-    lines += ["", "Accuracy per filled half (balanced over classes):", "", "| method | " + " | ".join(REGIONS) + " |",
-              "|---|" + "---|" * len(REGIONS)]
-    for name, (_, _, pixels) in list(rows.items())[1:]:
-        acc = [accuracy(context, pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))]
-        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
     # half of every inpainted image is the real source: where the classifier misses the source itself, the result
     # inherits it, so the accuracy is also split by whether the classifier recognises the (whole) real source
     recognised = hits(context, images, labels).repeat(len(REGIONS))
+    rows: dict[str, list[dict]] = {name: [] for name in INPAINTING}
+    for seed in args.seeds:
+        seeded = SamplingSpec(SOLVER, seed=seed)
+        for name, method in INPAINTING.items():
+            out, seconds = timed(model, seeded, contexts, method and Inpaint(sources, fills, method))
+            rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
+                               "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
+                               "recognised": accuracy(context, out.pixels[recognised], all_labels[recognised]),
+                               "missed": float(hits(context, out.pixels[~recognised], all_labels[~recognised]).float().mean())})
+    seeds = ", ".join(map(str, args.seeds))
+    lines += [f"## Inpainting: each half (top, bottom, left, right) of {n} held-out sprites, its own label ({len(sources)} images)", "",
+              f"Means over sampling seeds {seeds} (balanced accuracy: each seed's value in parentheses).", "",
+              "| images | FD | balanced acc | per class (" + " / ".join(names) + ") | seconds per 64 |", "|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        mean = {key: float(np.mean([r.get(key, np.nan) for r in runs])) for key in runs[0] if key != "halves"}
+        each = " / ".join(f"{r['cond_acc']:.3f}" for r in runs)
+        lines.append(f"| {name} | {mean['fd']:.2f} | {mean['cond_acc']:.3f} ({each}) | {per_class(mean, names)} | "
+                     f"{64 * mean['seconds'] / len(sources):.2f} |")
+    lines += ["", "Accuracy per filled half (balanced over classes, mean over seeds):", "",
+              "| method | " + " | ".join(REGIONS) + " |", "|---|" + "---|" * len(REGIONS)]
+    for name, runs in list(rows.items())[1:]:
+        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in np.mean([r["halves"] for r in runs], 0)) + " |")
     lines += ["", f"Accuracy by source: the classifier recognises {int(recognised.sum()) // len(REGIONS)} of the {n} real "
-              "sources themselves; balanced accuracy of the results over those sources and plain accuracy over the others:", "",
-              "| images | sources recognised | sources missed |", "|---|---|---|"]
-    for name, (_, _, pixels) in rows.items():
-        kept = accuracy(context, pixels[recognised], all_labels[recognised])
-        missed = f"{float(hits(context, pixels[~recognised], all_labels[~recognised]).float().mean()):.3f}" if (~recognised).any() else ""
-        lines.append(f"| {name} | {kept:.3f} | {missed} |")
+              "sources themselves. Balanced accuracy of the results over those sources and plain accuracy over the others "
+              "(means over seeds), and the difference from fresh samples over the recognised sources (paired t over seeds):", "",
+              "| images | sources recognised | sources missed | recognised, against fresh [95%] |", "|---|---|---|---|"]
+    fresh = [r["recognised"] for r in rows["fresh samples"]]
+    for name, runs in rows.items():
+        ours = [r["recognised"] for r in runs]
+        diff = t_interval(np.subtract(ours, fresh)) if name != "fresh samples" else None
+        against = "" if diff is None else f"{diff.value:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}]"
+        lines.append(f"| {name} | {np.mean(ours):.3f} | {np.mean([r['missed'] for r in runs]):.3f} | {against} |")
     reference = context.reference()
     lines += ["", f"The real held-out sprites themselves (n={reference['n']}): FD {reference['fd']:.2f}, balanced accuracy "
               f"{reference['cond_acc']:.3f} (FD grows as n shrinks: compare the rows above with each other).", ""]
