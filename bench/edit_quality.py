@@ -1,7 +1,7 @@
 """How well the edits work on held-out real sprites: inpainting (RePaint and plain replacement against fresh samples),
 variations and class transfer against strength, interpolation smoothness. One process, one machine.
 
-python bench/edit_quality.py [--ckpt pretrained] [--limit N] --out docs/results/edits
+python bench/edit_quality.py [--ckpt pretrained] [--limit N] [--seeds 0,1,2] --out docs/results/edits
 
 Inpainting: every held-out sprite with its top, bottom, left and right half to fill, its own label; scored with the
 project's metrics (classifier features, FD against the training images) next to as many fresh samples with the same
@@ -108,13 +108,14 @@ def main() -> None:
             rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
                                "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
                                "recognised": accuracy(context, out.pixels[recognised], all_labels[recognised]),
-                               "missed": float(hits(context, out.pixels[~recognised], all_labels[~recognised]).float().mean())})
+                               "missed": float(hits(context, out.pixels[~recognised], all_labels[~recognised]).float().mean())
+                               if (~recognised).any() else None})
     seeds = ", ".join(map(str, args.seeds))
     lines += [f"## Inpainting: each half (top, bottom, left, right) of {n} held-out sprites, its own label ({len(sources)} images)", "",
               f"Means over sampling seeds {seeds} (balanced accuracy: each seed's value in parentheses).", "",
               "| images | FD | balanced acc | per class (" + " / ".join(names) + ") | seconds per 64 |", "|---|---|---|---|---|"]
     for name, runs in rows.items():
-        mean = {key: float(np.mean([r.get(key, np.nan) for r in runs])) for key in runs[0] if key != "halves"}
+        mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0] if key not in ("halves", "missed")}
         each = " / ".join(f"{r['cond_acc']:.3f}" for r in runs)
         lines.append(f"| {name} | {mean['fd']:.2f} | {mean['cond_acc']:.3f} ({each}) | {per_class(mean, names)} | "
                      f"{64 * mean['seconds'] / len(sources):.2f} |")
@@ -131,7 +132,8 @@ def main() -> None:
         ours = [r["recognised"] for r in runs]
         diff = t_interval(np.subtract(ours, fresh)) if name != "fresh samples" else None
         against = "" if diff is None else f"{diff.value:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}]"
-        lines.append(f"| {name} | {np.mean(ours):.3f} | {np.mean([r['missed'] for r in runs]):.3f} | {against} |")
+        missed = f"{np.mean([r['missed'] for r in runs]):.3f}" if (~recognised).any() else ""
+        lines.append(f"| {name} | {np.mean(ours):.3f} | {missed} | {against} |")
     reference = context.reference()
     lines += ["", f"The real held-out sprites themselves (n={reference['n']}): FD {reference['fd']:.2f}, balanced accuracy "
               f"{reference['cond_acc']:.3f} (FD grows as n shrinks: compare the rows above with each other).", ""]
