@@ -1,7 +1,8 @@
-"""How well the edits work on held-out real sprites: inpainting (RePaint and plain replacement against fresh samples),
+"""How well the edits work on held-out real sprites: inpainting (RePaint, plain replacement and the model tuned for
+inpainting against fresh samples),
 variations and class transfer against strength, interpolation smoothness. One process, one machine.
 
-python bench/edit_quality.py [--ckpt pretrained] [--limit N] [--seeds 0,1,2] --out docs/results/edits
+python bench/edit_quality.py [--ckpt pretrained] [--inpaint-ckpt pretrained_inpaint] [--limit N] [--seeds 0,1,2] --out docs/results/edits
 
 Inpainting: every held-out sprite with its top, bottom, left and right half to fill, its own label; scored with the
 project's metrics (classifier features, FD against the training images) next to as many fresh samples with the same
@@ -31,7 +32,8 @@ from report import cpu_name  # noqa: E402  (bench/report.py: python bench/edit_q
 
 REGIONS = ("top", "bottom", "left", "right")
 SOLVER = {"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}  # the default sampling: DPM-Solver++ 15, guidance 2
-INPAINTING = {"fresh samples": None, "inpainted, replace": "replace", "inpainted, repaint": "repaint"}
+INPAINTING = {"fresh samples": None, "inpainted, replace": "replace", "inpainted, repaint": "repaint",
+              "inpainted, inpainting model": "replace"}  # the last with --inpaint-ckpt (one pass: it sees the known pixels)
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -75,6 +77,7 @@ def timed(model, spec, contexts, edit=None):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="pretrained")
+    p.add_argument("--inpaint-ckpt", default="pretrained_inpaint", help="a model tuned for inpainting (experiment=sprites_inpaint)")
     p.add_argument("--limit", type=int, default=None, help="the first N held-out sprites only (a quick run)")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                    help="sampling seeds of the inpainting comparison, e.g. 0,1,2 (variations and interpolation: the first)")
@@ -82,6 +85,7 @@ def main() -> None:
     args = p.parse_args()
 
     model = load_model(args.ckpt)
+    inpainter = load_model(args.inpaint_ckpt)
     datamodule = instantiate(model.config["data"])
     datamodule.setup("fit")
     images, onehot = datamodule.val_set.tensors[:2]
@@ -89,7 +93,7 @@ def main() -> None:
     n, k, size, names = len(images), model.num_classes, model.image_shape[-1], model.class_names
     context = MetricsContext(MetricsConfig(), datamodule, model.data or datamodule.identity(), conditional=True)
     spec = SamplingSpec(SOLVER, seed=args.seeds[0])
-    lines = [f"# Edits of held-out sprites ({args.ckpt}, {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2, "
+    lines = [f"# Edits of held-out sprites ({args.ckpt}; inpainting model {args.inpaint_ckpt}; {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2, "
              f"palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
 
     # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels, at each sampling seed
@@ -104,7 +108,8 @@ def main() -> None:
     for seed in args.seeds:
         seeded = SamplingSpec(SOLVER, seed=seed)
         for name, method in INPAINTING.items():
-            out, seconds = timed(model, seeded, contexts, method and Inpaint(sources, fills, method))
+            out, seconds = timed(inpainter if name.endswith("inpainting model") else model, seeded, contexts,
+                                 method and Inpaint(sources, fills, method))
             rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
                                "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
                                "recognised": accuracy(context, out.pixels[recognised], all_labels[recognised]),
@@ -136,7 +141,8 @@ def main() -> None:
         lines.append(f"| {name} | {np.mean(ours):.3f} | {missed} | {against} |")
     reference = context.reference()
     lines += ["", f"The real held-out sprites themselves (n={reference['n']}): FD {reference['fd']:.2f}, balanced accuracy "
-              f"{reference['cond_acc']:.3f} (FD grows as n shrinks: compare the rows above with each other).", ""]
+              f"{reference['cond_acc']:.3f}, per class {per_class(reference, names)} (FD grows as n shrinks: compare the rows above "
+              "with each other).", ""]
 
     # variations and class transfer against strength
     others = (labels + 1 + torch.arange(n) % (k - 1)) % k  # another class for each source, cycling over the other classes

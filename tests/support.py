@@ -118,3 +118,15 @@ def check_one_line(code: int, out: str, err: str, expected: str) -> None:
     assert len(errors) == 1, err[-2000:]
     assert expected in errors[0], errors[0]
     assert "Traceback" not in out + err
+
+
+def straight_and_cut(overrides: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """A run of trainer.max_epochs epochs, and the same run cut after its first epoch and resumed (ckpt_path=auto):
+    their last checkpoints, in runs "straight" and "cut" under tmp_path."""
+    from difflab.checkpoint import load_checkpoint
+    from difflab.train import train
+
+    train(compose_cfg(overrides, tmp_path / "straight"))
+    train(compose_cfg([*overrides, "trainer.max_epochs=1"], tmp_path / "cut"))
+    train(compose_cfg(overrides, tmp_path / "cut"))  # ckpt_path=auto: continues the cut run
+    return tuple(load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "cut"))

@@ -152,14 +152,16 @@ def test_edit_py_inpaints_a_4x_upscaled_png_and_writes_what_sample_py_writes(mod
     sprite = held_out[0][3].permute(1, 2, 0).numpy()
     png = _png(tmp_path / "hero.png", sprite.repeat(4, 0).repeat(4, 1))  # as pixel-art editors export
     result = run_script("edit.py", "edit=inpaint", f"image={png}", "mask=[4,0,12,8]", "label=hero", "n=3", "steps=4",
-                        "sampler=ddim", "edit.jump_n_sample=2", f"hydra.run.dir={tmp_path / 'out'}")
+                        "sampler=ddim", f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "out" / "samples.npz") as z:
         images, fill, source = z["images"], z["fill"], z["source"]
     assert images.shape == (3, 16, 16, 3) and np.array_equal(source, sprite) and fill.sum() == 8 * 8
     assert (images[:, ~fill] == sprite[~fill]).all()
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["edit"] == "inpaint" and meta["method"] == "repaint" and meta["label"] == "hero"
+    assert meta["edit"] == "inpaint" and meta["label"] == "hero"
+    # by default the shipped model tuned for inpainting, in one pass (it sees the kept pixels)
+    assert meta["checkpoint"].endswith("sprites_inpaint.ckpt") and meta["method"] == "replace"
     assert Image.open(tmp_path / "out" / "grid.png").size == (5 * 64 + 6 * 4, 64 + 2 * 4)  # source, mask, 3 results
 
 
@@ -193,3 +195,13 @@ def test_bad_edit_input_is_one_line_exit_2_and_writes_nothing(held_out, tmp_path
     out = tmp_path / "out"
     check_one_line(*run_in_process("edit.py", [*(a.format(**files) for a in args), f"hydra.run.dir={out}"], capsys, monkeypatch), expected)
     assert not any(p.name in ("grid.png", "strip.png", "samples.npz", "meta.json") for p in out.rglob("*"))
+
+
+def test_each_edit_sets_its_own_defaults_over_edit_yaml(tmp_path):
+    from support import compose_cfg
+
+    inpaint, vary, interpolate = (compose_cfg([f"edit={e}"], tmp_path, "edit") for e in ("inpaint", "vary", "interpolate"))
+    assert (interpolate.frames, interpolate.gif) == (16, False)  # interpolation frames, not the chain GIF's 40
+    assert (inpaint.frames, inpaint.gif, vary.frames) == (40, True, 40)
+    assert (inpaint.ckpt, vary.ckpt, interpolate.ckpt) == ("pretrained_inpaint", "pretrained", "pretrained")
+    assert compose_cfg(["edit=inpaint", "ckpt=pretrained"], tmp_path, "edit").ckpt == "pretrained"

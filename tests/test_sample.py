@@ -10,7 +10,7 @@ from PIL import Image
 
 from difflab.train import train
 
-from support import compose_cfg, read_metrics, run_script
+from support import compose_cfg, read_metrics, run_script, straight_and_cut
 
 QUIET = ["~callbacks.sample_grid", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
 
@@ -213,15 +213,10 @@ def test_consistency_tuning_resumes_exactly_and_samples_in_two_calls_by_default(
     """experiment=sprites_consistency from a trained model: the stage curriculum advances (stage_steps=2), a run cut after
     its first epoch resumes bit for bit (the teacher is read again from init_from), and sample.py with no sampler
     settings samples it with consistency sampling in 2 steps."""
-    from difflab.checkpoint import load_checkpoint
-
     common = ["experiment=sprites_consistency", f"init_from={trained}", "model=unet_tiny", "model.dropout=0.1", "timesteps=100",
               "data.limit=48", "data.batch_size=8", "trainer.max_epochs=2", "trainer.max_time=null", "trainer.limit_val_batches=1",
               "trainer.log_every_n_steps=1", "objective.stage_steps=2", "trainer.precision=32", *QUIET]
-    train(compose_cfg(common, tmp_path / "straight"))
-    train(compose_cfg([*common, "trainer.max_epochs=1"], tmp_path / "cut"))
-    train(compose_cfg(common, tmp_path / "cut"))  # ckpt_path=auto: continues the cut run
-    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "cut"))
+    a, b = straight_and_cut(common, tmp_path)
     assert a["global_step"] == b["global_step"] == 12
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
     stages = sorted({float(r["train/stage"]) for r in read_metrics(tmp_path / "straight") if r.get("train/stage")})

@@ -14,15 +14,16 @@ from difflab.config import PROJECT_ROOT
 from difflab.errors import CheckpointError  # noqa: F401  (re-exported: callers import it from here)
 
 # the shipped models (data/pretrained/MODEL_CARD.md): ckpt=pretrained, init_from=pretrained; ckpt=pretrained_fast (its
-# consistency-tuned twin, 1 to 4 network calls per sprite)
+# consistency-tuned twin, 1 to 4 network calls per sprite); ckpt=pretrained_inpaint (its twin tuned for inpainting)
 PRETRAINED = PROJECT_ROOT / "data" / "pretrained" / "sprites.ckpt"
 PRETRAINED_FAST = PROJECT_ROOT / "data" / "pretrained" / "sprites_fast.ckpt"
+PRETRAINED_INPAINT = PROJECT_ROOT / "data" / "pretrained" / "sprites_inpaint.ckpt"
 
 
 def resolve_checkpoint(spec: str | Path, search_dir: str | Path) -> Path:
     """A .ckpt file, a run folder (its checkpoints/last.ckpt), "last": the newest last.ckpt under search_dir, or
-    "pretrained" / "pretrained_fast": the shipped sprites models."""
-    shipped = {"pretrained": PRETRAINED, "pretrained_fast": PRETRAINED_FAST}.get(str(spec))
+    "pretrained" / "pretrained_fast" / "pretrained_inpaint": the shipped sprites models."""
+    shipped = {"pretrained": PRETRAINED, "pretrained_fast": PRETRAINED_FAST, "pretrained_inpaint": PRETRAINED_INPAINT}.get(str(spec))
     if shipped is not None:
         if not shipped.is_file():
             raise CheckpointError(f"the shipped {spec} model is missing: {shipped} (restore it with `git checkout data/pretrained`)")
@@ -120,6 +121,18 @@ def net_state_dict(ckpt: dict[str, Any], ema: bool = True) -> dict[str, torch.Te
     """The network's weights: EMA ones (WeightAveraging stores them under state_dict) or the raw ones."""
     source = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     return {k[len("net."):]: v for k, v in source.items() if k.startswith("net.")}
+
+
+def with_cond_inputs(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain model's weights for a network that also takes cond_channels images beside x_t (an inpainting model tuned
+    from it): the input convolution's new channels start at zero, so the tuning starts from the plain model's outputs.
+    Other weights are returned as they are."""
+    cond = getattr(net, "cond_channels", 0)
+    weight = state_dict.get("conv_in.weight")
+    if not cond or weight is None or weight.shape[1] != net.in_channels:
+        return state_dict
+    zeros = weight.new_zeros(weight.shape[0], cond, *weight.shape[2:])
+    return {**state_dict, "conv_in.weight": torch.cat([weight, zeros], dim=1)}
 
 
 def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 from difflab.config import plain, use_tf32
 from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
+from difflab.masks import REGIONS, region
 from difflab.model import DiffusionModel, load_model
 from difflab.sample import LabelError, class_index, grid_row, pick_device
 from difflab.sampling import SamplingSpec, generate
@@ -32,7 +33,6 @@ from difflab.validate import integer
 
 log = logging.getLogger(__name__)
 
-REGIONS = ("top", "bottom", "left", "right", "center")
 COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 
@@ -105,12 +105,8 @@ def read_mask(spec: Any, size: int) -> Tensor:
     half in each direction), a box [x0, y0, x1, y1] (pixels; x1, y1 excluded), or a PNG (white = fill) at the model's size
     or an integer upscale."""
     fill = torch.zeros(1, size, size, dtype=torch.bool)
-    half, quarter = size // 2, size // 4
     if isinstance(spec, str) and spec in REGIONS:
-        region = {"top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
-                  "left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
-                  "center": (slice(quarter, size - quarter), slice(quarter, size - quarter))}[spec]
-        fill[0][region] = True
+        fill[0] = region(spec, size)
     elif isinstance(spec, Sequence) and not isinstance(spec, str):
         box = list(spec)
         if len(box) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in box) or \
@@ -157,7 +153,7 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     if mode == "inpaint":
         mask_spec = plain(cfg.mask)
         fill = read_mask(mask_spec, model.image_shape[-1])
-        the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous())
+        the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous()).for_model(model.inpainting)
         inputs = {"source": source, "fill": fill[0]}
         shown = [source, _shade(source, fill[0])]
     else:

@@ -19,11 +19,12 @@ from torch import Tensor
 from difflab.diffusion import Denoiser
 from difflab.errors import ConfigError
 from difflab.images import to_unit_range
+from difflab.masks import known_pixels
 from difflab.samplers.base import Noise, SampleOutput, Sampler, _progress, alpha_bar, at, noise_like
 from difflab.schedules import NoiseSchedule
 from difflab.validate import integer, number
 
-INPAINT_METHODS = ("repaint", "replace")
+INPAINT_METHODS = ("auto", "repaint", "replace")
 
 
 def step_by_step(sampler: Sampler) -> Sampler:
@@ -103,6 +104,14 @@ class Edit:
         """The uint8 results after the output stage (all rows)."""
         return pixels
 
+    def for_model(self, inpainting: bool) -> Edit:
+        """This edit with its settings resolved for a model that does (or does not) take known pixels beside x_t."""
+        return self
+
+    def known(self, rows: slice, device: torch.device) -> Tensor | None:
+        """What an inpainting model sees beside x_t for ``rows`` (difflab.masks.known_pixels); None: nothing known."""
+        return None
+
     def record(self) -> dict:
         """The edit's settings (JSON), for meta.json."""
         return {}
@@ -114,12 +123,15 @@ class Inpaint(Edit):
     method="replace": after every sampler step the kept pixels are replaced by the source noised to the new level
     (fresh noise each time). method="repaint" (Lugmayr et al. 2022): the same, and every ``jump_length`` steps the image is
     noised back ``jump_length`` steps and denoised again, ``jump_n_sample`` - 1 times, so the filled region settles with
-    what is kept: about jump_n_sample times the network calls of "replace".
+    what is kept: about jump_n_sample times the network calls of "replace". A model tuned for inpainting also sees the
+    known pixels and the mask at every step (difflab.masks.known_pixels); method="auto": replace for such a model, which
+    needs no resampling, repaint for any other.
     """
 
-    def __init__(self, source: Tensor, fill: Tensor, method: str = "repaint", jump_length: int = 3, jump_n_sample: int = 4) -> None:
+    def __init__(self, source: Tensor, fill: Tensor, method: str = "auto", jump_length: int = 3, jump_n_sample: int = 4) -> None:
         if method not in INPAINT_METHODS:
-            raise ConfigError(f"method={method!r}: choose repaint (better, slower) or replace (one pass)")
+            raise ConfigError(f"method={method!r}: choose auto (replace for an inpainting model, else repaint), repaint "
+                              "(better, slower) or replace (one pass)")
         self.method = method
         self.jump_length = integer("jump_length", jump_length, 1, " (steps to jump back; RePaint: 10 of 250)")
         self.jump_n_sample = integer("jump_n_sample", jump_n_sample, 1, " (passes over each jump; 1: no resampling)")
@@ -127,6 +139,14 @@ class Inpaint(Edit):
             raise ValueError(f"Inpaint: source uint8 (N, C, H, W) and fill (N, 1, H, W), got {tuple(source.shape)} "
                              f"{source.dtype} and {tuple(fill.shape)}")
         self.source, self.fill = source, fill.bool()
+
+    def for_model(self, inpainting: bool) -> Inpaint:
+        if self.method != "auto":
+            return self
+        return Inpaint(self.source, self.fill, "replace" if inpainting else "repaint", self.jump_length, self.jump_n_sample)
+
+    def known(self, rows: slice, device: torch.device) -> Tensor:
+        return known_pixels(to_unit_range(self.source[rows]).to(device), self.fill[rows].to(device))
 
     def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
                record_every: int = 0, progress: bool = False) -> SampleOutput:
@@ -137,6 +157,8 @@ class Inpaint(Edit):
             # x <- m x + (1 - m) x_t(source), m the pixels to fill: the kept ones at x's noise level
             return torch.where(fill, x, noised(s, x0, t, noise_like(x, noise)))
 
+        if self.method == "auto":
+            raise ValueError("Inpaint(method='auto'): resolve it with for_model first (generate does)")
         ts = step_by_step(sampler).timesteps(s.timesteps)
         path = repaint_path(len(ts), self.jump_length, self.jump_n_sample) if self.method == "repaint" else list(range(len(ts) + 1))
         out = walk(sampler, denoise, s, keep(x_T, ts[0]), noise, path, keep, record_every, progress)

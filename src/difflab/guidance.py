@@ -38,12 +38,13 @@ class Guidance:
         if self.interval is not None:
             object.__setattr__(self, "interval", _interval(self.interval))
 
-    def output(self, net: nn.Module, context: Tensor | None, schedule: NoiseSchedule) -> Denoiser:
-        """The network's guided output at (x_t, t), context bound (not yet eps: see Objective.eps_denoiser)."""
+    def output(self, net: nn.Module, context: Tensor | None, schedule: NoiseSchedule, cond: Tensor | None = None) -> Denoiser:
+        """The network's guided output at (x_t, t), context (and a network's image conditioning ``cond``) bound (not
+        yet eps: see Objective.eps_denoiser)."""
         t_interval = None
         if self.interval is not None:  # sigma -> (fractional) t on this schedule
             t_interval = (float(sigma_to_t(schedule, max(self.interval[0], 1e-12))), float(sigma_to_t(schedule, self.interval[1])))
-        return guided_output(net, context, self.scale, t_interval, self.rescale)
+        return guided_output(net, context, self.scale, t_interval, self.rescale, cond)
 
 
 def _interval(value: Any) -> tuple[float, float]:
@@ -56,8 +57,9 @@ def _interval(value: Any) -> tuple[float, float]:
 
 
 def guided_output(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0,
-                  interval: tuple[float, float] | None = None, rescale: float = 0.0) -> Denoiser:
-    """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0.
+                  interval: tuple[float, float] | None = None, rescale: float = 0.0, cond: Tensor | None = None) -> Denoiser:
+    """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0; ``cond`` (B, C', H, W):
+    the images a network with cond_channels takes beside x_t, the same in both branches.
 
     interval (t_lo, t_hi): guide only at lo <= t <= hi, elsewhere the plain conditional output (one forward).
     rescale phi: CFG rescale (Lin et al. 2024, eq. 15-16, as diffusers' rescale_noise_cfg),
@@ -68,19 +70,21 @@ def guided_output(net: nn.Module, context: Tensor | None = None, guidance: float
     """
     dtype = next(net.parameters()).dtype
 
-    def call(x: Tensor, t: Tensor, ctx: Tensor | None, keep: Tensor | None) -> Tensor:
+    def call(x: Tensor, t: Tensor, ctx: Tensor | None, keep: Tensor | None, c: Tensor | None) -> Tensor:
         ctx = ctx.to(dtype) if ctx is not None else None
+        images = {} if c is None else {"cond": c.to(dtype)}  # only networks built with cond_channels take it
         with torch.autocast(x.device.type, enabled=False):  # the weights' dtype decides, also inside a bf16-mixed trainer
-            return net(x.to(dtype), t, ctx, keep).float()
+            return net(x.to(dtype), t, ctx, keep, **images).float()
 
     def output(x: Tensor, t: Tensor) -> Tensor:
         if context is None:
-            return call(x, t, None, None)
+            return call(x, t, None, None, cond)
         if guidance == 0 or (interval is not None and not interval[0] <= float(t[0]) <= interval[1]):
-            return call(x, t, context, None)
+            return call(x, t, context, None, cond)
         b = x.shape[0]
         keep = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device), torch.zeros(b, dtype=torch.bool, device=x.device)])
-        out_c, out_u = call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context]), keep).chunk(2)
+        both = torch.cat([cond, cond]) if cond is not None else None
+        out_c, out_u = call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context]), keep, both).chunk(2)
         out = out_c + guidance * (out_c - out_u)
         if rescale:
             dims = list(range(1, out.ndim))

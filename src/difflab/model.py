@@ -22,6 +22,7 @@ from difflab.config import PROJECT_ROOT
 from difflab.diffusion import Denoiser
 from difflab.errors import ConfigError
 from difflab.guidance import Guidance
+from difflab.masks import nothing_known
 from difflab.objectives import EpsPrediction, Objective
 from difflab.schedules import NoiseSchedule
 
@@ -47,6 +48,12 @@ class DiffusionModel:
     def num_classes(self) -> int:
         """The width K of the context vector; 0 for an unconditional model."""
         return getattr(self.net, "num_classes", 0)
+
+    @property
+    def inpainting(self) -> bool:
+        """Whether the network takes the known pixels and the mask beside x_t (difflab.masks.known_pixels): a model
+        tuned for inpainting (python train.py experiment=sprites_inpaint)."""
+        return getattr(self.net, "cond_channels", 0) > 0
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -75,9 +82,10 @@ class DiffusionModel:
         twin.net = copy.deepcopy(self.net).to(dtype)
         return twin
 
-    def denoiser(self, context: Tensor | None = None, guidance: Guidance | None = None) -> Denoiser:
+    def denoiser(self, context: Tensor | None = None, guidance: Guidance | None = None, known: Tensor | None = None) -> Denoiser:
         """eps_theta(x_t, t) for a batch with contexts (B, K) (None: unconditional), guided as ``guidance`` says (None:
-        the plain conditional network)."""
+        the plain conditional network). ``known``: an inpainting model's input beside x_t (difflab.masks.known_pixels);
+        None: nothing known, plain sampling."""
         guidance = guidance or Guidance()
         distilled = self.objective.distilled_guidance
         if distilled is not None:  # a consistency model: the guidance is in its weights, one plain network call
@@ -85,7 +93,13 @@ class DiffusionModel:
                 raise ConfigError(f"{self.source or 'this model'} has guidance {distilled:g} distilled in: sample it with "
                                   f"guidance={distilled:g} and no guidance_interval or guidance_rescale, or sample the model it was tuned from")
             guidance = Guidance()
-        output = guidance.output(self.net, context, self.schedule)
+        if known is not None and not self.inpainting:
+            raise ConfigError(f"{self.source or 'this model'} was not tuned for inpainting and takes no known pixels")
+        if self.inpainting and known is None:
+            def output(x: Tensor, t: Tensor) -> Tensor:  # every pixel to draw: the batch's size is known only here
+                return guidance.output(self.net, context, self.schedule, nothing_known(x))(x, t)
+        else:
+            output = guidance.output(self.net, context, self.schedule, known)
         return self.objective.eps_denoiser(output, self.schedule)
 
     @property

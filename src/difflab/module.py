@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from difflab.errors import NonFiniteLossError
+from difflab.masks import known_pixels, training_masks
 from difflab.model import DiffusionModel
 from difflab.optim import check_optimizer
 
@@ -71,11 +72,20 @@ class DiffusionModule(L.LightningModule):
         t = objective.sample_t(self.schedule, b, x0.device)
         noise = torch.randn_like(x0)
         net = self._compiled_forward or self.net
+        images = self.known_pixels(x0)
         if self.conditional:
             # context dropout: the null context trains the unconditional branch of guidance
             keep = torch.rand(b, device=x0.device) >= self.p_uncond
-            return objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep)
-        return objective.loss(net, self.schedule, x0, t, noise)
+            return objective.loss(net, self.schedule, x0, t, noise, context=context, context_keep=keep, **images)
+        return objective.loss(net, self.schedule, x0, t, noise, **images)
+
+    def known_pixels(self, x0: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """An inpainting model's input beside x_t for a batch: x0 under random masks (difflab.masks.TRAINING_MIX); {} for
+        any other model."""
+        if not self.model.inpainting:
+            return {}
+        fill = training_masks(x0.shape[0], x0.shape[-1], generator).to(x0.device)
+        return {"cond": known_pixels(x0, fill)}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, context = batch
@@ -134,7 +144,9 @@ class DiffusionModule(L.LightningModule):
         T = self.schedule.timesteps
         # fixed u in [0, 1) -> t = floor(u T): the same noise and timesteps every epoch and run
         t = (u * T).long().clamp(max=T - 1)
-        loss = self.model.objective.loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None)
+        # an inpainting model: the same masks every epoch and run, as the noise
+        images = self.known_pixels(x0, torch.Generator().manual_seed(batch_idx))
+        loss = self.model.objective.loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None, **images)
         self.val_loss.update(loss)
         quartile = (t * 4) // T
         for q, metric in enumerate(self.val_loss_quartile):

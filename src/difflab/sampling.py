@@ -212,6 +212,7 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
         raise ValueError(f"generate: n={n}, but {len(index)} indices and {len(contexts) if contexts is not None else 0} contexts")
     device = model.device
     sampler = spec.sampler_for(model)
+    edit = edit.for_model(model.inpainting) if edit is not None else None
     runner = model.for_inference(spec.dtype(device))
     was_training = model.net.training
     runner.net.eval()
@@ -224,7 +225,7 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
             noise = edit.noise(streams, spec.seed, chunk) if edit is not None else streams(spec.seed, chunk)
             ctx = contexts[rows].to(device) if contexts is not None else None
             x_T = noise.randn(model.image_shape, device)
-            denoise = runner.denoiser(ctx, spec.guidance)
+            denoise = runner.denoiser(ctx, spec.guidance, edit.known(rows, device) if edit is not None and model.inpainting else None)
             if edit is not None:
                 parts.append(edit.sample(sampler, denoise, model.schedule, x_T, noise, rows, record_every, progress))
             else:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
 from difflab.budget import RunClock, TimeBudget
-from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
+from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint, with_cond_inputs
 from difflab.config import hydra_choice, instantiate_group, to_container, use_tf32
 from difflab.ddp import use_job_command_for_ddp_ranks
 from difflab.errors import ConfigError
@@ -137,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     elif cfg.get("init_from"):
         init = resolve_checkpoint(cfg.init_from, Path(cfg.paths.log_dir))
         saved = load_checkpoint(init)
-        weights = net_state_dict(saved, ema=True)
+        weights = with_cond_inputs(module.net, net_state_dict(saved, ema=True))
         check_compatible(module.net, weights, f"init_from checkpoint {init}")
         module.net.load_state_dict(weights)
         log.info(f"fine-tuning from the EMA weights of {init}")

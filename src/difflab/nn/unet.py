@@ -1,6 +1,7 @@
 """The denoising UNet (Ho et al. 2020 layout): eps_theta(x_t, t, context) with x_t (B, C, H, W).
 
-It knows nothing of noise schedules: t is only an input (0-based integer step).
+It knows nothing of noise schedules: t is only an input (0-based integer step). ``cond_channels`` > 0: images given
+beside x_t (B, cond_channels, H, W), concatenated to it at the input (an inpainting model: the known pixels and the mask).
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ class UNet(nn.Module):
         num_classes: int = 0,
         norm_groups: int = 32,
         scale_shift: bool = False,
+        cond_channels: int = 0,
     ) -> None:
         super().__init__()
         self.image_size = image_size
         self.in_channels = in_channels
+        self.cond_channels = cond_channels
         self.num_classes = num_classes
         levels = len(channel_mult)
         self.size_multiple = 2 ** (levels - 1)
@@ -60,7 +63,7 @@ class UNet(nn.Module):
             attn = SelfAttention(cout, norm_groups, attn_head_dim) if res in attn_resolutions else None
             return ResAttn(ResBlock(cin, cout, emb_dim, dropout, norm_groups, scale_shift), attn)
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + cond_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
         ch, res = base_channels, image_size
@@ -99,8 +102,10 @@ class UNet(nn.Module):
         t: Tensor,
         context: Tensor | None = None,
         context_keep: Tensor | None = None,
+        cond: Tensor | None = None,
     ) -> Tensor:
-        """x (B, C, H, W), t (B,) or scalar, context (B, K) or None, context_keep (B,) bool or None."""
+        """x (B, C, H, W), t (B,) or scalar, context (B, K) or None, context_keep (B,) bool or None, cond (B, cond_channels,
+        H, W): required when cond_channels > 0."""
         b = x.shape[0]
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] % self.size_multiple or x.shape[-2] % self.size_multiple:
             raise ValueError(
@@ -114,6 +119,13 @@ class UNet(nn.Module):
         elif context is not None:
             raise ValueError("this model was built unconditional (num_classes=0) but got a context")
 
+        if self.cond_channels:
+            if cond is None or cond.shape != (b, self.cond_channels, *x.shape[2:]):
+                raise ValueError(f"this model takes {self.cond_channels} image channels beside x_t: expected cond "
+                                 f"{(b, self.cond_channels, *x.shape[2:])}, got {None if cond is None else tuple(cond.shape)}")
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        elif cond is not None:
+            raise ValueError("this model was built without image conditioning (cond_channels=0) but got cond")
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
