@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from difflab import masks
 from difflab.editing import Inpaint, Interpolate, Vary
 from difflab.images import grid, save_png
 from difflab.metrics.intervals import t_interval
@@ -30,19 +31,12 @@ from difflab.model import load_model
 from difflab.sampling import SamplingSpec, generate
 from report import cpu_name  # noqa: E402  (bench/report.py: python bench/edit_quality.py puts bench/ on the path)
 
-REGIONS = ("top", "bottom", "left", "right")
+REGIONS = masks.REGIONS[:4]  # the halves
 SOLVER = {"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}  # the default sampling: DPM-Solver++ 15, guidance 2
-INPAINTING = {"fresh samples": None, "inpainted, replace": "replace", "inpainted, repaint": "repaint",
-              "inpainted, inpainting model": "replace"}  # the last with --inpaint-ckpt (one pass: it sees the known pixels)
+# row: (the model, --ckpt or --inpaint-ckpt; the inpainting method, None for fresh samples)
+INPAINTING = {"fresh samples": ("plain", None), "inpainted, replace": ("plain", "replace"), "inpainted, repaint": ("plain", "repaint"),
+              "inpainted, inpainting model": ("inpainting", "replace")}  # one pass: it sees the known pixels
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-def half(region: str, n: int, size: int) -> torch.Tensor:
-    fill = torch.zeros(n, 1, size, size, dtype=torch.bool)
-    h = size // 2
-    {"top": lambda: fill[:, :, :h].fill_(True), "bottom": lambda: fill[:, :, h:].fill_(True),
-     "left": lambda: fill[..., :h].fill_(True), "right": lambda: fill[..., h:].fill_(True)}[region]()
-    return fill
 
 
 def score(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -84,8 +78,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
-    model = load_model(args.ckpt)
-    inpainter = load_model(args.inpaint_ckpt)
+    models = {"plain": load_model(args.ckpt), "inpainting": load_model(args.inpaint_ckpt)}
+    model = models["plain"]
     datamodule = instantiate(model.config["data"])
     datamodule.setup("fit")
     images, onehot = datamodule.val_set.tensors[:2]
@@ -99,7 +93,7 @@ def main() -> None:
     # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels, at each sampling seed
     sources = images.repeat(len(REGIONS), 1, 1, 1)
     all_labels = labels.repeat(len(REGIONS))
-    fills = torch.cat([half(r, n, size) for r in REGIONS])
+    fills = torch.cat([masks.region(r, size).expand(n, 1, size, size) for r in REGIONS])
     contexts = torch.eye(k)[all_labels]
     # half of every inpainted image is the real source: where the classifier misses the source itself, the result
     # inherits it, so the accuracy is also split by whether the classifier recognises the (whole) real source
@@ -107,9 +101,8 @@ def main() -> None:
     rows: dict[str, list[dict]] = {name: [] for name in INPAINTING}
     for seed in args.seeds:
         seeded = SamplingSpec(SOLVER, seed=seed)
-        for name, method in INPAINTING.items():
-            out, seconds = timed(inpainter if name.endswith("inpainting model") else model, seeded, contexts,
-                                 method and Inpaint(sources, fills, method))
+        for name, (which, method) in INPAINTING.items():
+            out, seconds = timed(models[which], seeded, contexts, method and Inpaint(sources, fills, method))
             rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
                                "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
                                "recognised": accuracy(context, out.pixels[recognised], all_labels[recognised]),
