@@ -8,7 +8,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from difflab.config import PROJECT_ROOT, _run_id, instantiate_group
+from difflab.config import PROJECT_ROOT, _run_id, instantiate_group, job_folder_name
 from difflab.nn.unet import UNet
 from difflab.schedules import CosineSchedule, LinearSchedule
 from difflab.train import build_module
@@ -111,6 +111,18 @@ def test_run_folders_started_in_the_same_second_differ(monkeypatch):
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{4}", n) for n in names)
     hydra_cfg = (CONF / "hydra" / "default.yaml").read_text()
     assert hydra_cfg.count("${difflab_run_id:${task_name}}") == 2 and "${hydra.job.num}" in hydra_cfg
+
+
+@pytest.mark.parametrize("overrides, folder", [("schedule=cosine,seed=1", "schedule-cosine_seed-1"), ("", "default"),
+                                               ("model.widths=[32,64],lr=1e-3", "model.widths-_32_64_lr-1e-3"),
+                                               ("data.root=/a b/c,+x=1", "data.root-_a_b_c_+x-1")])
+def test_sweep_job_folders_can_be_given_back_as_an_override(overrides, folder):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert job_folder_name(overrides) == folder
+    path = f"logs/train/multiruns/2026-12-06_10-00-00_abcd/3_{folder}/checkpoints/last.ckpt"
+    assert OverridesParser.create().parse_overrides([f"ckpt={path}"])[0].value() == path  # no quoting needed
+    assert "${difflab_job_folder:${hydra.job.override_dirname}}" in (CONF / "hydra" / "default.yaml").read_text()
 
 
 def test_slurm_training_jobs_keep_their_folder_across_requeues(monkeypatch):

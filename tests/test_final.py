@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,8 @@ def test_a_rerun_sweep_skips_finished_jobs_resumes_the_cut_one_and_reports_on_al
     assert first.returncode == 0, first.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4 and all((j / "final.json").is_file() for j in jobs)
+    # job folders in characters a command line takes unquoted: a path into one is a plain override (ckpt=...)
+    assert all(re.fullmatch(r"\d_[\w.+-]+", j.name) for j in jobs) and {"schedule-cosine", "seed-1"} <= set(jobs[3].name.split("_"))
     report = (sweep / "report.md").read_text()
     assert "| schedule=linear (baseline) | 2 |" in report and "| schedule=cosine |" in report and "paired t over 2 seeds" in report
     assert (sweep / "curves.png").is_file() and (sweep / "grids.png").is_file()

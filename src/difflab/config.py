@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,13 @@ def _run_name() -> str:
     if not HydraConfig.initialized():
         return "default"
     return HydraConfig.get().job.override_dirname or "default"
+
+
+def job_folder_name(overrides: str) -> str:
+    """A sweep job's folder name from its overrides, in characters a command line takes unquoted, so that a path into
+    it can be given as an override (ckpt=<sweep>/1_schedule-cosine_seed-1/...): schedule=cosine,seed=1 ->
+    schedule-cosine_seed-1. The exact overrides stay in the job's .hydra/overrides.yaml."""
+    return re.sub(r"[^\w.+-]+", "_", overrides.replace("=", "-")).strip("_") or "default"
 
 
 def _sweep_group() -> str | None:
@@ -113,6 +121,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("fast_precision", fast_precision, replace=True)
     OmegaConf.register_new_resolver("difflab_run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("difflab_sweep_group", _sweep_group, replace=True)
+    OmegaConf.register_new_resolver("difflab_job_folder", job_folder_name, replace=True)
     # cached: every read of hydra.run.dir in this process (and every job of a sweep) gets the same folder
     OmegaConf.register_new_resolver("difflab_run_id", _run_id, replace=True, use_cache=True)
 
