@@ -52,10 +52,12 @@ def save_model(root: Path, name: str, overrides: list[str], ema: bool = True) ->
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """name -> (checkpoint, .onnx): sampler auto (dpmpp 15 steps, guidance 2 / consistency 2 steps, its distilled 2)."""
+    """name -> (checkpoint, .onnx): sampler auto (dpmpp 15 steps, guidance 2 / consistency 2 steps, its distilled 2); an
+    inpainting model's graph samples from scratch (no known-pixel inputs)."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, overrides, extra in (("diffusion", [], []), ("consistency", ["objective=consistency"], []),
+                                   ("inpainting", ["model.cond_channels=4"], []),  # samples from scratch: nothing known
                                    ("uncond", ["model.num_classes=0"], ["--batch", "3", "--sampler", "ddim", "--steps", "4"])):
         ckpt = save_model(root, name, overrides)
         out[name] = (ckpt, main([str(ckpt), str(root / name), "--format", "onnx", *extra]))
@@ -119,7 +121,7 @@ def test_onnx_images_equal_pytorch_on_the_same_noise(exported, name):
     assert np.abs(one[0] - images[0].numpy()).max() <= tol
 
 
-@pytest.mark.parametrize("name", ["diffusion", "consistency"])
+@pytest.mark.parametrize("name", ["diffusion", "consistency", "inpainting"])
 def test_onnx_on_per_image_streams_equals_generate(exported, name):
     """With the D draws of each image's own stream (ImageNoise), in the order generate() makes them (x_T, then the
     sampler's), the graph makes generate()'s images: the export samples as the project does."""
