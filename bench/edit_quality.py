@@ -6,7 +6,8 @@ python bench/edit_quality.py [--ckpt pretrained] [--inpaint-ckpt pretrained_inpa
 
 Inpainting: every held-out sprite with its top, bottom, left and right half to fill, its own label; scored with the
 project's metrics (classifier features, FD against the training images) next to as many fresh samples with the same
-labels (equal n and label mix). Variations: every held-out sprite at strengths 0.2 ... 1.0 with its own label, and with
+labels (equal n and label mix); as a control, the inpainting model on training-split sprites with the held-out label mix
+(sources the classifier was trained on). Variations: every held-out sprite at strengths 0.2 ... 1.0 with its own label, and with
 another label (class transfer; the targets cycle over the other classes); mean |pixel change| from the source and the
 classifier's class-balanced accuracy for the asked label. Interpolation: frame-to-frame mean |pixel change| over pairs of samples at
 the default 16 frames. Writes <out>.md (the tables) and <out>_ladder.png (a few sources at each strength).
@@ -37,6 +38,7 @@ SOLVER = {"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}  # t
 INPAINTING = {"fresh samples": ("plain", None), "inpainted, replace": ("plain", "replace"), "inpainted, repaint": ("plain", "repaint"),
               "inpainted, inpainting model": ("inpainting", "replace")}  # one pass: it sees the known pixels
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+NEAR_COPY = 10  # mean |pixel change| (0-255) inside the filled half below which a fill counts as a near copy of its source
 
 
 def score(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -68,6 +70,53 @@ def timed(model, spec, contexts, edit=None):
     return out, time.perf_counter() - start
 
 
+def halves_of(images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image four times, with its top, bottom, left and right half to fill."""
+    n = len(images)
+    return images.repeat(len(REGIONS), 1, 1, 1), torch.cat([masks.region(r, size).expand(n, 1, size, size) for r in REGIONS])
+
+
+def fill_change(out: torch.Tensor, sources: torch.Tensor, fills: torch.Tensor) -> float:
+    """Mean |pixel change| (0-255) from the source inside the filled pixels."""
+    return float(((out.float() - sources.float()).abs() * fills).sum() / (fills.sum() * sources.shape[1]))
+
+
+def control(context: MetricsContext, model, datamodule, held_out_labels: torch.Tensor, seeds: list[int], names: list[str],
+            held_out_change: dict[str, float]) -> list[str]:
+    """The default inpainting on training-split sources with the held-out label mix, against fresh samples: sources the
+    classifier knows (it was trained on them), so what the fill does is not mixed with how it reads unseen sprites."""
+    train, onehot = datamodule.train_set.tensors[:2]
+    train_labels, g = onehot.argmax(1), torch.Generator().manual_seed(0)
+    pick = torch.cat([(train_labels == c).nonzero().flatten()[torch.randperm(int((train_labels == c).sum()), generator=g)]
+                      [: int((held_out_labels == c).sum())] for c in range(len(names))])
+    sources, fills = halves_of(train[pick], model.image_shape[-1])
+    labels = train_labels[pick].repeat(len(REGIONS))
+    contexts = torch.eye(len(names))[labels]
+    runs: dict[str, list[torch.Tensor]] = {"fresh samples": [], "inpainted, inpainting model": []}
+    change, near = [], []  # mean |pixel change| from the source inside the filled half: a fill that copies its source scores ~0
+    for seed in seeds:
+        spec = SamplingSpec(SOLVER, seed=seed)
+        runs["fresh samples"].append(hits(context, generate(model, spec, contexts).pixels, labels).float())
+        out = generate(model, spec, contexts, edit=Inpaint(sources, fills, "replace")).pixels
+        runs["inpainted, inpainting model"].append(hits(context, out, labels).float())
+        change.append(fill_change(out, sources, fills))
+        per_image = ((out.float() - sources.float()).abs() * fills).sum((1, 2, 3)) / (fills.sum((1, 2, 3)) * sources.shape[1])
+        near.append(float((per_image < NEAR_COPY).float().mean()))
+    lines = ["", f"Control: the same halves of {len(pick)} training-split sprites with the held-out label mix "
+             f"({len(sources)} images, inpainting model, one pass): the classifier recognises "
+             f"{float(hits(context, train[pick], train_labels[pick]).float().mean()):.3f} of these sources. Per class, means over seeds:", "",
+             "| images | balanced acc | per class (" + " / ".join(names) + ") |", "|---|---|---|"]
+    for name, per_seed in runs.items():
+        right = torch.stack(per_seed).mean(0)
+        acc = [float(right[labels == c].mean()) for c in range(len(names))]
+        lines.append(f"| {name} | {np.nanmean(acc):.3f} | " + " / ".join(f"{a:.2f}" for a in acc) + " |")
+    lines += ["", f"Mean |pixel change| from the source inside the filled half (0-255): {np.mean(change):.1f} on these training "
+              "sources; on the held-out sources " + ", ".join(f"{k} {v:.1f}" for k, v in held_out_change.items()) +
+              " (fresh samples: against the source they stand beside). A fill that copied its training source would score near 0; "
+              f"{np.mean(near):.1%} of the training-source fills change it by less than {NEAR_COPY} on average."]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="pretrained")
@@ -91,9 +140,8 @@ def main() -> None:
              f"palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
 
     # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels, at each sampling seed
-    sources = images.repeat(len(REGIONS), 1, 1, 1)
+    sources, fills = halves_of(images, size)
     all_labels = labels.repeat(len(REGIONS))
-    fills = torch.cat([masks.region(r, size).expand(n, 1, size, size) for r in REGIONS])
     contexts = torch.eye(k)[all_labels]
     # half of every inpainted image is the real source: where the classifier misses the source itself, the result
     # inherits it, so the accuracy is also split by whether the classifier recognises the (whole) real source
@@ -105,6 +153,7 @@ def main() -> None:
             out, seconds = timed(models[which], seeded, contexts, method and Inpaint(sources, fills, method))
             rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
                                "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
+                               "fill_change": fill_change(out.pixels, sources, fills),
                                "recognised": accuracy(context, out.pixels[recognised], all_labels[recognised]),
                                "missed": float(hits(context, out.pixels[~recognised], all_labels[~recognised]).float().mean())
                                if (~recognised).any() else None})
@@ -132,6 +181,8 @@ def main() -> None:
         against = "" if diff is None else f"{diff.value:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}]"
         missed = f"{np.mean([r['missed'] for r in runs]):.3f}" if (~recognised).any() else ""
         lines.append(f"| {name} | {np.mean(ours):.3f} | {missed} | {against} |")
+    lines += control(context, models["inpainting"], datamodule, labels, args.seeds, names,
+                     {name: float(np.mean([r["fill_change"] for r in runs])) for name, runs in rows.items()})
     reference = context.reference()
     lines += ["", f"The real held-out sprites themselves (n={reference['n']}): FD {reference['fd']:.2f}, balanced accuracy "
               f"{reference['cond_acc']:.3f}, per class {per_class(reference, names)} (FD grows as n shrinks: compare the rows above "
