@@ -3,7 +3,7 @@
     python bench/gpu_check.py                 # CUDA: every visible GPU
     python bench/gpu_check.py --cpu           # the same checks on the CPU (small sizes): what the test suite runs
 
-Each check runs the project's entry points as a user does (train.py, sample.py, evaluate.py, bench/bench.py, in their
+Each check runs the project's entry points as a user does (train.py, sample.py, evaluate.py, edit.py, bench/bench.py, in their
 own processes) and writes one report, <out>/gpu_check.md (and .json):
   1. training in every precision the device runs (CUDA: bf16-mixed where native, 16-mixed with a gradient scaler, 32 with
      TF32; CPU: 32, and bf16-mixed where AVX512-BF16/AMX exist): steps per second and a finite final loss;
@@ -15,7 +15,9 @@ own processes) and writes one report, <out>/gpu_check.md (and .json):
      difflab.tolerance.chain_tol derives from float32's rounding (the same math in other kernels);
   5. evaluate.py on the device (default precision) and on the CPU at the same seed: FD and class-balanced accuracy side by
      side (in bf16 the kernels round differently, so the figures are compared with the seed-to-seed spread, not equality);
-  6. bench/bench.py on the device, ours against the peers (needs requirements-bench.txt; skipped with --skip-bench).
+  6. bench/bench.py on the device, ours against the peers (needs requirements-bench.txt; skipped with --skip-bench);
+  7. edit.py on the device: inpainting with the shipped inpainting model keeps every kept pixel exactly and matches the
+     CPU within the bound of 4; variations and interpolation run and write their results.
 The script exits 1 when a check fails.
 """
 
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from difflab.checkpoint import load_checkpoint  # noqa: E402
 from difflab.config import cpu_has_bf16, cuda_has_bf16  # noqa: E402
+from difflab.editing import Inpaint  # noqa: E402
 from difflab.model import load_model  # noqa: E402
 from difflab.sampling import SamplingSpec, generate  # noqa: E402
 from difflab.tolerance import chain_tol  # noqa: E402
@@ -92,6 +95,31 @@ def same_weights(a: Path, b: Path) -> tuple[bool, str]:
     states = zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values())
     differ += [f"optimizer {k}" for sa, sb in states for k in ("exp_avg", "exp_avg_sq") if not torch.equal(sa[k], sb[k])]
     return not differ, f"{ca['global_step']} steps, " + (f"{len(differ)} tensors differ (first: {differ[0]})" if differ else "every weight and optimizer state equal")
+
+
+def chain_bound(model: Any, spec: SamplingSpec, make: Any) -> float:
+    """chain_tol with the largest network output of these very samples (``make`` makes them again here on the CPU)."""
+    peak = []
+    hook = model.net.register_forward_hook(lambda m, i, o: peak.append(float(o.abs().max())))
+    make()
+    hook.remove()
+    ts = spec.sampler_for(model).timesteps(model.schedule.timesteps)
+    ab = model.schedule.alphas_cumprod[ts].double()
+    # an output error d becomes an x_0 error of sigma_t d for a v- or x_0-model, sigma_t / alpha_t d for an eps-model
+    eps_model = type(model.objective).__name__ == "EpsPrediction"
+    gain = float(((1 - ab) / ab).sqrt().max()) if eps_model else 1.0
+    return chain_tol(model.net, max(peak), len(ts), spec.guidance.scale, gain)
+
+
+def compare(check: Check, name: str, pixels: dict[str, np.ndarray], tol: float) -> None:
+    """Two runs' uint8 images within the float32 chain bound ``tol``."""
+    if len(pixels) != 2:
+        check.record(name, False, "a run failed (see its log)")
+        return
+    first, second = pixels.values()
+    gap = np.abs(first - second).max()
+    bound = int(np.floor(127.5 * tol)) + 1  # |round(127.5 a) - round(127.5 b)| <= floor(127.5 |a - b|) + 1
+    check.record(name, gap <= bound, f"largest pixel difference {gap} levels, bound {bound} (float32 chain bound {tol:.2e})")
 
 
 def main() -> None:
@@ -172,28 +200,40 @@ def main() -> None:
         proc, _ = check.run(f"sample_{key}", *common, f"device={where}", f"batch_size={batch}", f"hydra.run.dir={run}")
         if proc.returncode == 0:
             pixels[f"{key}_{batch}"] = np.load(run / "samples.npz")["images"].astype(int)
-    # the bound: chain_tol with the largest network output of these very samples (made again here on the CPU)
-    model = load_model("pretrained")
     spec = SamplingSpec({"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": sampling_steps}, guidance=guidance,
                         precision="32", palette=None, noise="counter")
-    peak = []
-    hook = model.net.register_forward_hook(lambda m, i, o: peak.append(float(o.abs().max())))
-    generate(model, spec, torch.eye(model.num_classes).repeat_interleave(n, 0))
-    hook.remove()
-    ts = spec.sampler_for(model).timesteps(model.schedule.timesteps)
-    ab = model.schedule.alphas_cumprod[ts].double()
-    # an output error d becomes an x_0 error of sigma_t d for a v- or x_0-model, sigma_t / alpha_t d for an eps-model
-    eps_model = type(model.objective).__name__ == "EpsPrediction"
-    gain = float(((1 - ab) / ab).sqrt().max()) if eps_model else 1.0
-    tol = chain_tol(model.net, max(peak), len(ts), guidance, gain)
-    if len(pixels) == 2:
-        first, second = pixels.values()
-        gap = np.abs(first - second).max()
-        bound = int(np.floor(127.5 * tol)) + 1  # |round(127.5 a) - round(127.5 b)| <= floor(127.5 |a - b|) + 1
-        check.record(f"sample.py {device} vs cpu", gap <= bound, f"largest pixel difference {gap} levels, bound {bound} "
-                     f"(float32 chain bound {tol:.2e})")
-    else:
-        check.record(f"sample.py {device} vs cpu", False, "a sample.py run failed (see its log)")
+    model = load_model("pretrained")
+    tol = chain_bound(model, spec, lambda: generate(model, spec, torch.eye(model.num_classes).repeat_interleave(n, 0)))
+    compare(check, f"sample.py {device} vs cpu", pixels, tol)
+
+    # 7. edit.py on the device: inpainting with the shipped inpainting model keeps every kept pixel and matches
+    # the CPU within the same kind of bound; variations and interpolation run and write their results
+    edit_common = ["edit.py", "image=data:7", "n=4", "gif=false", "precision=32", "tf32=false", "palette=null", "noise=counter",
+                   f"steps={sampling_steps}", f"guidance={guidance}"]
+    edited = {}
+    for key, where, batch in ((device, device, 256 if cuda else 3), ("cpu", "cpu", 256)):
+        run = out / f"edit_inpaint_{key}_{batch}"
+        proc, _ = check.run(f"edit_inpaint_{key}", *edit_common, "edit=inpaint", "mask=top", f"device={where}",
+                            f"batch_size={batch}", f"hydra.run.dir={run}")
+        if proc.returncode == 0:
+            edited[f"{key}_{batch}"] = dict(np.load(run / "samples.npz"))
+    if edited:
+        first = next(iter(edited.values()))
+        kept = ~first["fill"]
+        check.record(f"edit.py inpaint on {device}", all((e["images"][:, kept] == e["source"][kept]).all() for e in edited.values()),
+                     f"{int(kept.sum())} kept pixels of {len(first['images'])} results each, equal to the source's in every run")
+        inpainter = load_model("pretrained_inpaint")
+        source = torch.from_numpy(first["source"]).permute(2, 0, 1)[None].expand(len(first["images"]), -1, -1, -1)
+        fill = torch.from_numpy(first["fill"])[None, None].expand(len(first["images"]), -1, -1, -1)
+        the_edit = Inpaint(source, fill).for_model(inpainter.inpainting)
+        tol = chain_bound(inpainter, spec, lambda: generate(inpainter, spec, torch.from_numpy(first["labels"]), edit=the_edit))
+    compare(check, f"edit.py inpaint {device} vs cpu", {k: e["images"].astype(int) for k, e in edited.items()}, tol if edited else 0.0)
+    for name, args_ in (("vary", ["edit=vary", "strength=0.4", "label=weapon"]),
+                        ("interpolate", ["edit=interpolate", "seeds=[3,8]", "label=[hero,side-facing]", "frames=4"])):
+        run = out / f"edit_{name}_{device}"
+        proc, seconds = check.run(f"edit_{name}", *edit_common, *args_, f"device={device}", f"hydra.run.dir={run}")
+        made = len(np.load(run / "samples.npz")["images"]) if proc.returncode == 0 else 0
+        check.record(f"edit.py {name} on {device}", made == 4, f"{made} images in {seconds:.1f} s (process included)")
 
     # 5. evaluate.py on the device and the CPU, default precision
     n_eval = 1000 if cuda else 32

@@ -14,7 +14,9 @@ def test_the_gpu_check_runs_every_check_in_cpu_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {row["check"].split(" ")[0] for row in report["checks"] if row["ok"]}
-    assert {"train", "resume", "ddp", "sample.py", "evaluate.py"} <= checks
+    assert {"train", "resume", "ddp", "sample.py", "evaluate.py", "edit.py"} <= checks
+    assert {"edit.py inpaint on cpu", "edit.py inpaint cpu vs cpu", "edit.py vary on cpu", "edit.py interpolate on cpu"} <= \
+        {row["check"] for row in report["checks"]}
     assert all(row["ok"] for row in report["checks"])
     assert "every weight and optimizer state equal" in next(r["detail"] for r in report["checks"] if r["check"] == "resume bit-exact")
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check: cpu (CPU mode)")
