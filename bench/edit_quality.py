@@ -1,8 +1,8 @@
-"""How well the edits work on held-out real sprites: inpainting (RePaint, plain replacement and the model tuned for
-inpainting against fresh samples),
+"""How well the edits work on held-out real sprites: inpainting (RePaint, plain replacement, the model tuned for
+inpainting and the few-step consistency model, against fresh samples),
 variations and class transfer against strength, interpolation smoothness. One process, one machine.
 
-python bench/edit_quality.py [--ckpt pretrained] [--inpaint-ckpt pretrained_inpaint] [--limit N] [--seeds 0,1,2] --out docs/results/edits
+python bench/edit_quality.py [--ckpt pretrained] [--inpaint-ckpt pretrained_inpaint] [--fast-ckpt pretrained_fast] [--limit N] [--seeds 0,1,2] --out docs/results/edits
 
 Inpainting: every held-out sprite with its top, bottom, left and right half to fill, its own label; scored with the
 project's metrics (classifier features, FD against the training images) next to as many fresh samples with the same
@@ -34,9 +34,11 @@ from report import cpu_name  # noqa: E402  (bench/report.py: python bench/edit_q
 
 REGIONS = masks.REGIONS[:4]  # the halves
 SOLVER = {"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15}  # the default sampling: DPM-Solver++ 15, guidance 2
-# row: (the model, --ckpt or --inpaint-ckpt; the inpainting method, None for fresh samples)
+FEW_STEP = {"_target_": "difflab.samplers.ConsistencySampler", "steps": 2}  # a consistency model's default: 2 calls, guidance distilled in
+# row: (the model, --ckpt, --inpaint-ckpt or --fast-ckpt; the inpainting method, None for fresh samples)
 INPAINTING = {"fresh samples": ("plain", None), "inpainted, replace": ("plain", "replace"), "inpainted, repaint": ("plain", "repaint"),
-              "inpainted, inpainting model": ("inpainting", "replace")}  # one pass: it sees the known pixels
+              "inpainted, inpainting model": ("inpainting", "replace"),  # one pass: it sees the known pixels
+              "fresh samples, few-step model": ("fast", None), "inpainted, few-step model": ("fast", "replace")}
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 NEAR_COPY = 10  # mean |pixel change| (0-255) inside the filled half below which a fill counts as a near copy of its source
 
@@ -121,13 +123,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="pretrained")
     p.add_argument("--inpaint-ckpt", default="pretrained_inpaint", help="a model tuned for inpainting (experiment=sprites_inpaint)")
+    p.add_argument("--fast-ckpt", default="pretrained_fast", help="a few-step consistency model (experiment=sprites_consistency)")
     p.add_argument("--limit", type=int, default=None, help="the first N held-out sprites only (a quick run)")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                    help="sampling seeds of the inpainting comparison, e.g. 0,1,2 (variations and interpolation: the first)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
-    models = {"plain": load_model(args.ckpt), "inpainting": load_model(args.inpaint_ckpt)}
+    models = {"plain": load_model(args.ckpt), "inpainting": load_model(args.inpaint_ckpt), "fast": load_model(args.fast_ckpt)}
+
+    def spec_for(which: str, seed: int) -> SamplingSpec:
+        if which == "fast":
+            return SamplingSpec(FEW_STEP, guidance=models["fast"].objective.distilled_guidance, seed=seed)
+        return SamplingSpec(SOLVER, seed=seed)
+
     model = models["plain"]
     datamodule = instantiate(model.config["data"])
     datamodule.setup("fit")
@@ -136,8 +145,8 @@ def main() -> None:
     n, k, size, names = len(images), model.num_classes, model.image_shape[-1], model.class_names
     context = MetricsContext(MetricsConfig(), datamodule, model.data or datamodule.identity(), conditional=True)
     spec = SamplingSpec(SOLVER, seed=args.seeds[0])
-    lines = [f"# Edits of held-out sprites ({args.ckpt}; inpainting model {args.inpaint_ckpt}; {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2, "
-             f"palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
+    lines = [f"# Edits of held-out sprites ({args.ckpt}; inpainting model {args.inpaint_ckpt}; {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2; "
+             f"few-step model {args.fast_ckpt}, consistency sampling 2 steps; palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
 
     # inpainting: 4 halves of every held-out sprite, against fresh samples with the same labels, at each sampling seed
     sources, fills = halves_of(images, size)
@@ -148,9 +157,8 @@ def main() -> None:
     recognised = hits(context, images, labels).repeat(len(REGIONS))
     rows: dict[str, list[dict]] = {name: [] for name in INPAINTING}
     for seed in args.seeds:
-        seeded = SamplingSpec(SOLVER, seed=seed)
         for name, (which, method) in INPAINTING.items():
-            out, seconds = timed(models[which], seeded, contexts, method and Inpaint(sources, fills, method))
+            out, seconds = timed(models[which], spec_for(which, seed), contexts, method and Inpaint(sources, fills, method))
             rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
                                "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
                                "fill_change": fill_change(out.pixels, sources, fills),
@@ -168,8 +176,9 @@ def main() -> None:
                      f"{64 * mean['seconds'] / len(sources):.2f} |")
     lines += ["", "Accuracy per filled half (balanced over classes, mean over seeds):", "",
               "| method | " + " | ".join(REGIONS) + " |", "|---|" + "---|" * len(REGIONS)]
-    for name, runs in list(rows.items())[1:]:
-        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in np.mean([r["halves"] for r in runs], 0)) + " |")
+    for name, runs in rows.items():
+        if INPAINTING[name][1] is not None:  # fresh samples fill no half
+            lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in np.mean([r["halves"] for r in runs], 0)) + " |")
     lines += ["", f"Accuracy by source: the classifier recognises {int(recognised.sum()) // len(REGIONS)} of the {n} real "
               "sources themselves. Balanced accuracy of the results over those sources and plain accuracy over the others "
               "(means over seeds), and the difference from fresh samples over the recognised sources (paired t over seeds):", "",
@@ -205,6 +214,13 @@ def main() -> None:
     show = torch.stack([torch.cat([images[:6][i:i + 1], *(s[i:i + 1] for s, _ in ladder), *(m[i:i + 1] for _, m in ladder)])
                         for i in range(min(6, n))]).flatten(0, 1)
     save_png(grid(show, 1 + 2 * len(STRENGTHS)), args.out.with_name(args.out.name + "_ladder.png"))
+    fast, few = models["fast"], spec_for("fast", args.seeds[0])
+    same = generate(fast, few, torch.eye(k)[labels], edit=Vary(images, 0.5)).pixels
+    moved = generate(fast, few, torch.eye(k)[others], edit=Vary(images, 0.5)).pixels
+    lines += ["", f"The few-step model ({args.fast_ckpt}, 2 steps): a strength is rounded to whole steps of its sampler: every strength "
+              f"below 0.75 redoes its last step (one network call), 0.75 and above both. At 0.5: change from source {(same.float() - images.float()).abs().mean():.1f}, "
+              f"accuracy {accuracy(context, same, labels):.3f} (own label); change {(moved.float() - images.float()).abs().mean():.1f}, "
+              f"accuracy {accuracy(context, moved, others):.3f} (other label)."]
     lines += ["", f"{args.out.name}_ladder.png: per row a source, then its own label at strengths {', '.join(map(str, STRENGTHS))}, "
               "then the other label at the same strengths.", ""]
 
