@@ -78,9 +78,12 @@ def halves_of(images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tens
     return images.repeat(len(REGIONS), 1, 1, 1), torch.cat([masks.region(r, size).expand(n, 1, size, size) for r in REGIONS])
 
 
-def fill_change(out: torch.Tensor, sources: torch.Tensor, fills: torch.Tensor) -> float:
-    """Mean |pixel change| (0-255) from the source inside the filled pixels."""
-    return float(((out.float() - sources.float()).abs() * fills).sum() / (fills.sum() * sources.shape[1]))
+def change(out: torch.Tensor, sources: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+    """Per image, the mean |pixel change| (0-255) from its source, over the pixels ``where`` (N, 1, H, W) is true (None: all)."""
+    diff = (out.float() - sources.float()).abs()
+    if where is None:
+        return diff.mean((1, 2, 3))
+    return (diff * where).sum((1, 2, 3)) / (where.sum((1, 2, 3)) * sources.shape[1])
 
 
 def control(context: MetricsContext, model, datamodule, held_out_labels: torch.Tensor, seeds: list[int], names: list[str],
@@ -95,14 +98,14 @@ def control(context: MetricsContext, model, datamodule, held_out_labels: torch.T
     labels = train_labels[pick].repeat(len(REGIONS))
     contexts = torch.eye(len(names))[labels]
     runs: dict[str, list[torch.Tensor]] = {"fresh samples": [], "inpainted, inpainting model": []}
-    change, near = [], []  # mean |pixel change| from the source inside the filled half: a fill that copies its source scores ~0
+    moved, near = [], []  # mean |pixel change| from the source inside the filled half: a fill that copies its source scores ~0
     for seed in seeds:
         spec = SamplingSpec(SOLVER, seed=seed)
         runs["fresh samples"].append(hits(context, generate(model, spec, contexts).pixels, labels).float())
         out = generate(model, spec, contexts, edit=Inpaint(sources, fills, "replace")).pixels
         runs["inpainted, inpainting model"].append(hits(context, out, labels).float())
-        change.append(fill_change(out, sources, fills))
-        per_image = ((out.float() - sources.float()).abs() * fills).sum((1, 2, 3)) / (fills.sum((1, 2, 3)) * sources.shape[1])
+        per_image = change(out, sources, fills)
+        moved.append(float(per_image.mean()))
         near.append(float((per_image < NEAR_COPY).float().mean()))
     lines = ["", f"Control: the same halves of {len(pick)} training-split sprites with the held-out label mix "
              f"({len(sources)} images, inpainting model, one pass): the classifier recognises "
@@ -112,7 +115,7 @@ def control(context: MetricsContext, model, datamodule, held_out_labels: torch.T
         right = torch.stack(per_seed).mean(0)
         acc = [float(right[labels == c].mean()) for c in range(len(names))]
         lines.append(f"| {name} | {np.nanmean(acc):.3f} | " + " / ".join(f"{a:.2f}" for a in acc) + " |")
-    lines += ["", f"Mean |pixel change| from the source inside the filled half (0-255): {np.mean(change):.1f} on these training "
+    lines += ["", f"Mean |pixel change| from the source inside the filled half (0-255): {np.mean(moved):.1f} on these training "
               "sources; on the held-out sources " + ", ".join(f"{k} {v:.1f}" for k, v in held_out_change.items()) +
               " (fresh samples: against the source they stand beside). A fill that copied its training source would score near 0; "
               f"{np.mean(near):.1%} of the training-source fills change it by less than {NEAR_COPY} on average."]
@@ -144,7 +147,7 @@ def main() -> None:
     images, labels = images[: args.limit], onehot[: args.limit].argmax(1)
     n, k, size, names = len(images), model.num_classes, model.image_shape[-1], model.class_names
     context = MetricsContext(MetricsConfig(), datamodule, model.data or datamodule.identity(), conditional=True)
-    spec = SamplingSpec(SOLVER, seed=args.seeds[0])
+    spec = spec_for("plain", args.seeds[0])
     lines = [f"# Edits of held-out sprites ({args.ckpt}; inpainting model {args.inpaint_ckpt}; {n} held-out sprites, DPM-Solver++(2M) 15 steps, guidance 2; "
              f"few-step model {args.fast_ckpt}, consistency sampling 2 steps; palette sprite:16; {cpu_name()}, {torch.get_num_threads()} threads)", ""]
 
@@ -161,7 +164,7 @@ def main() -> None:
             out, seconds = timed(models[which], spec_for(which, seed), contexts, method and Inpaint(sources, fills, method))
             rows[name].append({**score(context, out.pixels, all_labels), "seconds": seconds,
                                "halves": [accuracy(context, out.pixels[i * n:(i + 1) * n], labels) for i in range(len(REGIONS))],
-                               "fill_change": fill_change(out.pixels, sources, fills),
+                               "fill_change": float(change(out.pixels, sources, fills).mean()),
                                "recognised": accuracy(context, out.pixels[recognised], all_labels[recognised]),
                                "missed": float(hits(context, out.pixels[~recognised], all_labels[~recognised]).float().mean())
                                if (~recognised).any() else None})
@@ -206,9 +209,9 @@ def main() -> None:
     for strength in STRENGTHS:
         same = generate(model, spec, torch.eye(k)[labels], edit=Vary(images, strength)).pixels
         moved = generate(model, spec, torch.eye(k)[others], edit=Vary(images, strength)).pixels
-        change = [float((x.float() - images.float()).abs().mean()) for x in (same, moved)]
         calls = 2 * (15 - Vary(images, strength).start(15))
-        lines.append(f"| {strength:.1f} | {calls} | {change[0]:.1f} | {accuracy(context, same, labels):.3f} | {change[1]:.1f} | "
+        lines.append(f"| {strength:.1f} | {calls} | {change(same, images).mean():.1f} | {accuracy(context, same, labels):.3f} | "
+                     f"{change(moved, images).mean():.1f} | "
                      f"{accuracy(context, moved, others):.3f} |")
         ladder.append((same[:6], moved[:6]))
     show = torch.stack([torch.cat([images[:6][i:i + 1], *(s[i:i + 1] for s, _ in ladder), *(m[i:i + 1] for _, m in ladder)])
@@ -218,8 +221,8 @@ def main() -> None:
     same = generate(fast, few, torch.eye(k)[labels], edit=Vary(images, 0.5)).pixels
     moved = generate(fast, few, torch.eye(k)[others], edit=Vary(images, 0.5)).pixels
     lines += ["", f"The few-step model ({args.fast_ckpt}, 2 steps): a strength is rounded to whole steps of its sampler: every strength "
-              f"below 0.75 redoes its last step (one network call), 0.75 and above both. At 0.5: change from source {(same.float() - images.float()).abs().mean():.1f}, "
-              f"accuracy {accuracy(context, same, labels):.3f} (own label); change {(moved.float() - images.float()).abs().mean():.1f}, "
+              f"below 0.75 redoes its last step (one network call), 0.75 and above both. At 0.5: change from source {change(same, images).mean():.1f}, "
+              f"accuracy {accuracy(context, same, labels):.3f} (own label); change {change(moved, images).mean():.1f}, "
               f"accuracy {accuracy(context, moved, others):.3f} (other label)."]
     lines += ["", f"{args.out.name}_ladder.png: per row a source, then its own label at strengths {', '.join(map(str, STRENGTHS))}, "
               "then the other label at the same strengths.", ""]
@@ -231,7 +234,7 @@ def main() -> None:
         a, b = pair % k, (pair % k if pair < 12 else (pair + 3) % k)
         ctx = ((1 - w)[:, None] * torch.eye(k)[a].double() + w[:, None] * torch.eye(k)[b].double()).float()
         out = generate(model, spec, ctx, edit=Interpolate([(pair, 0), (100 + pair, 0)], w))
-        changes.append((out.pixels[1:].float() - out.pixels[:-1].float()).abs().mean((1, 2, 3)))
+        changes.append(change(out.pixels[1:], out.pixels[:-1]))
     c = torch.stack(changes)
     ratio = c.max(1).values / c.mean(1)
     lines += [f"## Interpolation: 24 pairs of samples (12 with one label, 12 with the label moving too), {frames} frames", "",
