@@ -225,7 +225,7 @@ def main() -> None:
         inpainter = load_model("pretrained_inpaint")
         source = torch.from_numpy(first["source"]).permute(2, 0, 1)[None].expand(len(first["images"]), -1, -1, -1)
         fill = torch.from_numpy(first["fill"])[None, None].expand(len(first["images"]), -1, -1, -1)
-        the_edit = Inpaint(source, fill).for_model(inpainter.inpainting)
+        the_edit = Inpaint(source, fill).for_model(inpainter.inpainting, spec.steps_on(inpainter))
         tol = chain_bound(inpainter, spec, lambda: generate(inpainter, spec, torch.from_numpy(first["labels"]), edit=the_edit))
     compare(check, f"edit.py inpaint {device} vs cpu", {k: e["images"].astype(int) for k, e in edited.items()}, tol if edited else 0.0)
     for name, args_ in (("vary", ["edit=vary", "strength=0.4", "label=weapon"]),

@@ -136,6 +136,19 @@ def test_interpolation_ends_are_the_two_samples_and_frames_change_smoothly(model
     assert change.max() <= 3 * change.mean(), change.tolist()
 
 
+def test_repaint_jumps_only_where_the_sampler_has_more_steps_than_a_jump(model, held_out):
+    from difflab.errors import ConfigError
+
+    images, labels = held_out
+    fill = torch.ones(1, 1, 16, 16, dtype=torch.bool).tril()
+    assert repaint_path(4, 3, 4) != list(range(5)) and repaint_path(3, 3, 4) == list(range(4))  # 4 steps jump, 3 do not
+    auto = Inpaint(images[:1], fill, jump_length=3)
+    assert auto.for_model(False, 4).method == "repaint" and auto.for_model(False, 3).method == "replace"
+    with pytest.raises(ConfigError, match=r"takes 3: give it more steps \(steps=4 or more\)"):
+        generate(model, SamplingSpec(DDIMSampler(3)), torch.eye(6)[labels[:1]], edit=Inpaint(images[:1], fill, "repaint", 3, 4))
+    assert Inpaint(images[:1], fill, "repaint", 3, 1).for_model(False, 3).method == "repaint"  # one pass: nothing to jump
+
+
 def test_heun_refuses_to_edit_with_the_samplers_that_can(model, held_out):
     from difflab.errors import ConfigError
 
@@ -176,6 +189,7 @@ BAD = [
     (["edit=inpaint", "image=data:0", "mask=[0,0,16,16]"], "selects every pixel: that is plain sampling"),
     (["edit=inpaint", "image={sprite}"], "label= is needed"),
     (["edit=inpaint", "image=data:99999"], "image=data:99999: give data:<i> with i in [0, 381]"),
+    (["edit=inpaint", "image=data:0", "ckpt=pretrained", "edit.method=repaint", "steps=3"], "the sampler takes 3: give it more steps"),
     (["edit=vary", "image=data:0", "strength=0"], "strength=0 returns the source unchanged"),
     (["edit=vary", "image=data:0", "strength=1.5"], "strength=1.5: must be a finite number in [0, 1]"),
     (["edit=interpolate", "label=hero", "frames=1"], "frames=1: must be an integer >= 2"),

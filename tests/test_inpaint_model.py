@@ -130,7 +130,7 @@ def test_an_inpainting_model_sees_nothing_known_when_sampled_and_the_known_pixel
     source = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     fill = torch.stack([region("top", 16), region("left", 16)])[:, None]
     edit = Inpaint(source, fill)  # method auto: one pass for a model that sees the known pixels
-    assert edit.for_model(True).method == "replace" and edit.for_model(False).method == "repaint"
+    assert edit.for_model(True, 15).method == "replace" and edit.for_model(False, 15).method == "repaint"
     out = generate(model, spec, torch.eye(K)[:2], edit=edit)
     assert len(net.seen) == 3 and all(torch.equal(c, known_pixels(source.float() / 127.5 - 1, fill)) for c in net.seen)
     assert torch.equal(out.pixels[~fill.expand_as(source)], source[~fill.expand_as(source)])

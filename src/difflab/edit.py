@@ -153,7 +153,7 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     if mode == "inpaint":
         mask_spec = plain(cfg.mask)
         fill = read_mask(mask_spec, model.image_shape[-1])
-        the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous()).for_model(model.inpainting)
+        the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous()).for_model(model.inpainting, spec.steps_on(model))
         inputs = {"source": source, "fill": fill[0]}
         shown = [source, _shade(source, fill[0])]
     else:

@@ -104,8 +104,9 @@ class Edit:
         """The uint8 results after the output stage (all rows)."""
         return pixels
 
-    def for_model(self, inpainting: bool) -> Edit:
-        """This edit with its settings resolved for a model that does (or does not) take known pixels beside x_t."""
+    def for_model(self, inpainting: bool, steps: int) -> Edit:
+        """This edit with its settings resolved for a model that does (or does not) take known pixels beside x_t, sampled
+        in ``steps`` sampler steps."""
         return self
 
     def known(self, rows: slice, device: torch.device) -> Tensor | None:
@@ -125,7 +126,7 @@ class Inpaint(Edit):
     noised back ``jump_length`` steps and denoised again, ``jump_n_sample`` - 1 times, so the filled region settles with
     what is kept: about jump_n_sample times the network calls of "replace". A model tuned for inpainting also sees the
     known pixels and the mask at every step (difflab.masks.known_pixels); method="auto": replace for such a model, which
-    needs no resampling, repaint for any other.
+    needs no resampling or on a sampler with too few steps to jump back (no more than jump_length), repaint for any other.
     """
 
     def __init__(self, source: Tensor, fill: Tensor, method: str = "auto", jump_length: int = 3, jump_n_sample: int = 4) -> None:
@@ -140,10 +141,16 @@ class Inpaint(Edit):
                              f"{source.dtype} and {tuple(fill.shape)}")
         self.source, self.fill = source, fill.bool()
 
-    def for_model(self, inpainting: bool) -> Inpaint:
+    def for_model(self, inpainting: bool, steps: int) -> Inpaint:
+        jumps = steps > self.jump_length  # RePaint jumps back jump_length steps, so only with more steps than that
+        if self.method == "repaint" and not jumps and self.jump_n_sample > 1:
+            raise ConfigError(f"edit.method=repaint jumps back edit.jump_length={self.jump_length} steps, but the sampler takes "
+                              f"{steps}: give it more steps (steps={self.jump_length + 1} or more), a smaller edit.jump_length, "
+                              "or edit.method=replace")
         if self.method != "auto":
             return self
-        return Inpaint(self.source, self.fill, "replace" if inpainting else "repaint", self.jump_length, self.jump_n_sample)
+        method = "repaint" if jumps and not inpainting else "replace"
+        return Inpaint(self.source, self.fill, method, self.jump_length, self.jump_n_sample)
 
     def known(self, rows: slice, device: torch.device) -> Tensor:
         return known_pixels(to_unit_range(self.source[rows]).to(device), self.fill[rows].to(device))

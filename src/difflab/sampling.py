@@ -212,7 +212,7 @@ def generate(model: DiffusionModel, spec: SamplingSpec, contexts: Tensor | None 
         raise ValueError(f"generate: n={n}, but {len(index)} indices and {len(contexts) if contexts is not None else 0} contexts")
     device = model.device
     sampler = spec.sampler_for(model)
-    edit = edit.for_model(model.inpainting) if edit is not None else None
+    edit = edit.for_model(model.inpainting, spec.steps_on(model)) if edit is not None else None
     runner = model.for_inference(spec.dtype(device))
     was_training = model.net.training
     runner.net.eval()
