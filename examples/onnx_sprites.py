@@ -7,6 +7,12 @@ The graph takes ``noise`` (B, D, C, H, W): D standard normal draws per sprite (x
 sprites.json as noise_draws), and ``labels`` (B,) class indices (a conditional model); it returns ``pixels`` (B, H, W, C)
 uint8. The output stage in sprites.json (palette sprite: each sprite snapped to its own 16 colours) is applied here, as
 difflab.images.snap_to_palette does.
+
+An inpainting generator (export --inpaint) also takes ``source`` (B, H, W, C) uint8 and ``fill`` (B, H, W) uint8
+(nonzero: draw the pixel) and keeps the other pixels; here the output stage is followed by putting them back:
+
+    python -m difflab.export pretrained_inpaint inpaint --format onnx --inpaint
+    python examples/onnx_sprites.py inpaint.onnx --image sprite.png --mask top --label hero --n 8 --out grid.png
 """
 
 from __future__ import annotations
@@ -60,6 +66,39 @@ def labels_for(label: str | None, n: int, class_names: list[str]) -> tuple[np.nd
     return np.full(n, class_names.index(label)), n
 
 
+def read_source(path: Path, shape: list[int]) -> np.ndarray:
+    """An opaque PNG at the generator's size -> (H, W, C) uint8."""
+    c, h, w = shape
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as err:
+        fail(f"--image {path}: not a readable image ({err})")
+    if image.size != (w, h):
+        fail(f"--image {path} is {image.size[0]}x{image.size[1]}: this generator draws {w}x{h} sprites")
+    if "A" in image.getbands() and np.asarray(image.getchannel("A")).min() < 255:
+        fail(f"--image {path} has transparent pixels: composite it onto a background first (edit.py alpha= does)")
+    return np.asarray(image.convert("RGB" if c == 3 else "L")).reshape(h, w, c)
+
+
+def read_mask(spec: str, h: int, w: int) -> np.ndarray:
+    """top | bottom | left | right | center (the middle half), or a box x0,y0,x1,y1 (x1, y1 excluded) -> (H, W) uint8,
+    1 where pixels are drawn (difflab.masks.region)."""
+    yy, xx = np.mgrid[:h, :w]
+    inner = lambda v, n: (n // 4 <= v) & (v < n - n // 4)  # noqa: E731
+    regions = {"top": yy < h // 2, "bottom": yy >= h // 2, "left": xx < w // 2, "right": xx >= w // 2,
+               "center": inner(yy, h) & inner(xx, w)}
+    if spec in regions:
+        return regions[spec].astype(np.uint8)
+    try:
+        x0, y0, x1, y1 = (int(v) for v in spec.split(","))
+    except ValueError:
+        fail(f"--mask {spec}: give {', '.join(regions)} or a box x0,y0,x1,y1")
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h) or (x1 - x0) * (y1 - y0) == h * w:
+        fail(f"--mask {spec}: give a box with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} that keeps some pixels")
+    return ((x0 <= xx) & (xx < x1) & (y0 <= yy) & (yy < y1)).astype(np.uint8)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("onnx", type=Path, help="the exported .onnx (its .json beside it, or inside it)")
@@ -69,6 +108,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("onnx_sprites.png"))
     parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--image", type=Path, help="an inpainting generator's source sprite (a PNG at its size)")
+    parser.add_argument("--mask", default="top", help="the pixels to draw: top | bottom | left | right | center | x0,y0,x1,y1")
     args = parser.parse_args(argv)
     if args.n < 1 or args.scale < 1:
         fail(f"--n {args.n} --scale {args.scale}: both must be >= 1")
@@ -86,6 +127,14 @@ def main(argv: list[str] | None = None) -> Path:
     meta = json.loads(sidecar.read_text() if sidecar.is_file() else session.get_modelmeta().custom_metadata_map["difflab"])
     labels, nrow = labels_for(args.label, args.n, meta["class_names"])
     count = len(labels) if labels is not None else args.n
+    inpaint = meta.get("inpaint")
+    if bool(inpaint) != (args.image is not None):
+        fail("this generator inpaints: give --image sprite.png (and --mask)" if inpaint else
+             "this generator draws from noise: leave out --image, or export one with --inpaint")
+    if inpaint:
+        c, h, w = meta["image_shape"]
+        source = np.broadcast_to(read_source(args.image, meta["image_shape"]), (count, h, w, c))
+        fill = np.broadcast_to(read_mask(args.mask, h, w), (count, h, w))
     rng = np.random.default_rng(args.seed)
     noise = rng.standard_normal((count, meta["noise_draws"], *meta["image_shape"]), dtype=np.float32)
     batch = meta["batch"] or count  # a fixed-batch graph: pad the last chunk, keep what was asked for
@@ -95,11 +144,21 @@ def main(argv: list[str] | None = None) -> Path:
         feed = {"noise": chunk}
         if labels is not None:
             feed["labels"] = np.resize(labels[start : start + batch], batch).astype(np.int64)
+        if inpaint:
+            feed["source"] = np.resize(source[start : start + batch], (batch, *source.shape[1:]))
+            feed["fill"] = np.resize(fill[start : start + batch], (batch, *fill.shape[1:]))
         pixels.append(session.run(["pixels"], feed)[0][: count - start])
     pixels = np.concatenate(pixels)
     stage = meta["output_stage"]
     if stage and stage["palette"] == "sprite":
         pixels = snap_to_palette(pixels, stage["colors"])
+    if inpaint:  # the palette moved kept pixels too: they are the source's again, and each row starts with the source
+        pixels = np.where(fill[..., None] > 0, pixels, source)
+        rows = pixels.reshape(-1, nrow, *pixels.shape[1:])
+        magenta = np.array([255, 0, 255][: source.shape[-1]], np.float32)  # the pixels to draw tinted, as edit.py shows them
+        shown = np.where(fill[0, ..., None] > 0, np.round((source[0] + magenta) / 2), source[0]).astype(np.uint8)
+        pixels = np.concatenate([np.broadcast_to(shown, (len(rows), 1, *shown.shape)), rows], 1).reshape(-1, *pixels.shape[1:])
+        nrow += 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid(pixels, nrow, args.scale)).save(args.out)
     print(f"{args.out}: {count} sprites ({meta['sampling']['sampler']}, {meta['sampling']['steps']} steps, seed {args.seed})")

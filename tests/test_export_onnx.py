@@ -22,9 +22,11 @@ from torch import nn
 
 from difflab.cli import run
 from difflab.config import PROJECT_ROOT, to_container
+from difflab.editing import Inpaint, repaint_path
 from difflab.export import ONNX_PINS, main, sampling_spec
 from difflab.generator import SpriteGenerator, exportable
 from difflab.images import snap_to_palette, to_uint8
+from difflab.masks import region
 from difflab.model import build_model, load_model
 from difflab.sampling import ImageNoise, generate
 from difflab.tolerance import chain_tol
@@ -53,12 +55,15 @@ def save_model(root: Path, name: str, overrides: list[str], ema: bool = True) ->
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (checkpoint, .onnx): sampler auto (dpmpp 15 steps, guidance 2 / consistency 2 steps, its distilled 2); an
-    inpainting model's graph samples from scratch (no known-pixel inputs)."""
+    inpainting model's graph samples from scratch (no known-pixel inputs); the --inpaint graphs take a source and a mask:
+    one pass with the inpainting model, RePaint (with jumps: 5 steps, jump_length 3) with the plain one."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, overrides, extra in (("diffusion", [], []), ("consistency", ["objective=consistency"], []),
                                    ("inpainting", ["model.cond_channels=4"], []),  # samples from scratch: nothing known
-                                   ("uncond", ["model.num_classes=0"], ["--batch", "3", "--sampler", "ddim", "--steps", "4"])):
+                                   ("uncond", ["model.num_classes=0"], ["--batch", "3", "--sampler", "ddim", "--steps", "4"]),
+                                   ("inpaint_graph", ["model.cond_channels=4"], ["--inpaint", "--steps", "4"]),
+                                   ("repaint_graph", [], ["--inpaint", "--sampler", "ddim", "--steps", "5"])):
         ckpt = save_model(root, name, overrides)
         out[name] = (ckpt, main([str(ckpt), str(root / name), "--format", "onnx", *extra]))
     return out
@@ -143,6 +148,77 @@ def test_onnx_on_per_image_streams_equals_generate(exported, name):
     assert torch.equal(out.pixels, snap_to_palette(raw))
 
 
+FILLS = torch.stack([region(r, 16) for r in ("top", "left", "center", "right")])[:, None]
+
+
+def random_sources(n: int = 4) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name,method", [("inpaint_graph", "replace"), ("repaint_graph", "repaint")])
+def test_onnx_inpainting_equals_the_edit_and_keeps_every_kept_pixel(exported, name, method):
+    """The --inpaint graph on each image's own stream makes what generate(edit=Inpaint) makes: the walk's draws are x_T,
+    the kept pixels' first re-noising, then one per move along RePaint's path (a keep after each step down, a fresh draw
+    for each step back up; DPM-Solver++ and DDIM draw nothing of their own)."""
+    ckpt, onnx_path = exported[name]
+    meta = json.loads(onnx_path.with_suffix(".json").read_text())
+    model = load_model(ckpt)
+    spec = sampling_spec(meta["sampling"]["sampler"], meta["sampling"]["steps"], None)
+    steps = spec.steps_on(model)
+    path = repaint_path(steps, 3, 4) if method == "repaint" else list(range(steps + 1))
+    assert meta["inpaint"]["method"] == method and meta["noise_draws"] == len(path) + 1
+    assert [i.name for i in session(onnx_path).get_inputs()] == ["noise", "labels", "source", "fill"]
+    source = random_sources()
+    streams = ImageNoise(spec.seed, range(len(LABELS)))
+    noise = torch.stack([streams.randn(model.image_shape) for _ in range(meta["noise_draws"])], 1)
+    peaks = []
+    hook = model.net.register_forward_hook(lambda m, i, o: peaks.append(float(o.abs().max())))
+    out = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float(), edit=Inpaint(source, FILLS))
+    hook.remove()
+    ts = spec.sampler_for(model).timesteps(model.schedule.timesteps)
+    ab = model.schedule.alphas_cumprod[ts].double()
+    down = sum(q == p + 1 for p, q in zip(path, path[1:]))
+    tol = chain_tol(model.net, max(peaks), down, spec.guidance.scale, float(((1 - ab) / ab).sqrt().max()))
+    feed = {"noise": noise.numpy(), "labels": LABELS.numpy(), "source": source.permute(0, 2, 3, 1).contiguous().numpy(),
+            "fill": FILLS[:, 0].numpy().astype(np.uint8)}
+    onnx_images, onnx_pixels = session(onnx_path).run(None, feed)
+    assert np.abs(onnx_images - out.images.numpy()).max() <= tol
+    kept = ~FILLS[:, 0].numpy()
+    assert np.array_equal(onnx_pixels[kept], feed["source"][kept])
+    assert (onnx_pixels[~kept] != feed["source"][~kept]).mean() > 0.5  # the rest is drawn
+    # the bound tells the walk apart: the same draws without the jumps back (the plain replacement pass)
+    if method == "repaint":
+        plain = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float(),
+                         edit=Inpaint(source, FILLS, "replace")).images
+        assert (plain - out.images).abs().max() > 2 * tol
+
+
+def test_example_regions_are_the_projects():
+    read_mask = runpy.run_path(str(EXAMPLE))["read_mask"]
+    for name in ("top", "bottom", "left", "right", "center"):
+        for size in (16, 32):
+            assert np.array_equal(read_mask(name, size, size), region(name, size).numpy().astype(np.uint8))
+
+
+def test_example_inpaints_a_png_and_keeps_its_pixels(exported, tmp_path):
+    _, onnx_path = exported["inpaint_graph"]
+    sprite = random_sources(1)[0].permute(1, 2, 0).numpy()
+    Image.fromarray(sprite).save(tmp_path / "s.png")
+    out = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, str(EXAMPLE), str(onnx_path), "--image", str(tmp_path / "s.png"), "--mask", "2,3,9,12",
+                             "--label", "weapon", "--n", "3", "--scale", "1", "--out", str(out), "--threads", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (17 + 1, 4 * 17 + 1, 3)  # the source, then 3 results, 16 px each with 1 px gaps
+    fill = np.zeros((16, 16), bool)
+    fill[3:12, 2:9] = True
+    results = [grid[1:17, 1 + 17 * j : 17 + 17 * j] for j in range(1, 4)]
+    assert all(np.array_equal(r[~fill], sprite[~fill]) for r in results)  # after the palette stage too
+    magenta = np.array([255, 0, 255])
+    assert np.array_equal(grid[1:17, 1:17][fill], np.round((sprite[fill] + magenta) / 2))  # the source, its fill tinted as edit.py does
+
+
 def imported_modules(stderr: str) -> set[str]:
     # -X importtime: "import time: self | cumulative | module" per import
     return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:") and "|" in line}
@@ -177,6 +253,25 @@ def test_fixed_batch_unconditional_export(exported, tmp_path):
     assert np.asarray(Image.open(out)).shape == (68 + 4, 5 * 68 + 4, 3)  # 5 sprites from two chunks of the fixed 3
 
 
+@pytest.mark.parametrize("graph,args,expected", [
+    ("diffusion", ["--image", "{png}"], "this generator draws from noise: leave out --image, or export one with --inpaint"),
+    ("inpaint_graph", [], "this generator inpaints: give --image sprite.png (and --mask)"),
+    ("inpaint_graph", ["--image", "{big}"], "is 20x20: this generator draws 16x16 sprites"),
+    ("inpaint_graph", ["--image", "{png}", "--mask", "0,0,16,16"], "that keeps some pixels"),
+    ("inpaint_graph", ["--image", "{png}", "--mask", "head"], "--mask head: give top, bottom, left, right, center or a box"),
+])
+def test_example_bad_inpainting_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, graph, args, expected):
+    files = {"png": tmp_path / "s.png", "big": tmp_path / "big.png"}
+    Image.fromarray(random_sources(1)[0].permute(1, 2, 0).numpy()).save(files["png"])
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(files["big"])
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXAMPLE))["main"]([str(exported[graph][1]), *(a.format(**files) for a in args), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
 def test_example_without_onnxruntime_names_the_pin(exported, tmp_path):
     _, onnx_path = exported["diffusion"]
     code = (f"import sys, runpy; sys.modules['onnxruntime'] = None; sys.argv = ['onnx_sprites.py', {str(onnx_path)!r}, "
@@ -207,6 +302,7 @@ def run_export(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     ("unknown", ["--sampler", "euler"], "--sampler euler: choose one of auto, consistency, ddim, ddpm, dpmpp, heun, unipc"),
     ("steps", ["--steps", "0"], "steps=0: must be an integer >= 1"),
     ("ckpt_format", ["--steps", "5", "--format", "ckpt"], "--steps set the sampling of an ONNX generator: add --format onnx"),
+    ("ckpt_format_inpaint", ["--inpaint", "--format", "ckpt"], "--inpaint set the sampling of an ONNX generator: add --format onnx"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, monkeypatch, case, args, expected):
     ckpt = exported["diffusion"][0]
@@ -218,7 +314,7 @@ def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, mo
     if case == "no_onnx":
         monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     out = tmp_path / "out"
-    code, err = run_export([str(ckpt), str(out), *(["--format", "onnx"] if case != "ckpt_format" else []), *args], capsys, monkeypatch)
+    code, err = run_export([str(ckpt), str(out), *(["--format", "onnx"] if not case.startswith("ckpt_format") else []), *args], capsys, monkeypatch)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err[-2000:]
     assert not list(tmp_path.glob("out*"))

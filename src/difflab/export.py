@@ -7,6 +7,8 @@ was made this way (data/pretrained/MODEL_CARD.md).
 onnx: <out>.onnx, a sprite generator that runs without PyTorch (noise and class indices in, images out: the whole
 sampling loop of the chosen sampler unrolled, difflab.generator), and <out>.json, what a caller needs around it: class
 names, image shape, noise draws per image, the sampling record and the output stage (examples/onnx_sprites.py).
+--inpaint: the graph also takes a source sprite and a mask and fills the masked pixels, keeping the others (one pass
+for a model tuned for inpainting, RePaint for another; difflab.editing.Inpaint).
 """
 
 from __future__ import annotations
@@ -37,18 +39,21 @@ def main(argv: list[str] | None = None) -> Path:
     onnx.add_argument("--steps", type=int, help="the sampler's steps (default: its own)")
     onnx.add_argument("--guidance", type=float, help="guidance scale (default 2; a consistency model: its distilled one)")
     onnx.add_argument("--batch", type=int, help="a fixed batch size (default: any batch size at run time)")
+    onnx.add_argument("--inpaint", action="store_true", help="inputs source (B, H, W, C) uint8 and fill (B, H, W) uint8 "
+                      "(nonzero: draw the pixel): fill those pixels, keep the others")
     args = parser.parse_args(argv)
     src = resolve_checkpoint(args.ckpt, PROJECT_ROOT / "logs" / "train")
     if args.format == "ckpt":
         given = [f"--{k}" for k in ("steps", "guidance", "batch") if getattr(args, k) is not None] + \
-            (["--sampler"] if args.sampler != "auto" else [])
+            (["--sampler"] if args.sampler != "auto" else []) + (["--inpaint"] if args.inpaint else [])
         if given:
             raise ConfigError(f"{', '.join(given)} set the sampling of an ONNX generator: add --format onnx")
         out = export_weights(src, args.out)
         print(f"{out}: EMA weights of {src} ({out.stat().st_size / 1e6:.1f} MB)")
         return out
-    onnx_path, meta_path = export_onnx(src, args.out, args.sampler, args.steps, args.guidance, args.batch)
-    print(f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {meta_path}: a sprite generator from {src}")
+    onnx_path, meta_path = export_onnx(src, args.out, args.sampler, args.steps, args.guidance, args.batch, args.inpaint)
+    what = "an inpainting sprite generator" if args.inpaint else "a sprite generator"
+    print(f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {meta_path}: {what} from {src}")
     return onnx_path
 
 
@@ -68,7 +73,7 @@ def sampling_spec(sampler: str, steps: int | None, guidance: float | None, preci
 
 
 def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None = None, guidance: float | None = None,
-                batch: int | None = None) -> tuple[Path, Path]:
+                batch: int | None = None, inpaint: bool = False) -> tuple[Path, Path]:
     """<out>.onnx and <out>.json for the EMA weights of checkpoint ``src``; nothing is written when a check fails."""
     try:
         import onnx
@@ -89,24 +94,29 @@ def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None =
     model = load_model(src, ema=True)
     distilled = model.objective.distilled_guidance
     spec = sampling_spec(sampler, steps, distilled if guidance is None and distilled is not None else guidance)
-    generator = SpriteGenerator(model, spec).eval()
+    generator = SpriteGenerator(model, spec, inpaint).eval()
     record = spec.record(model)  # also checks the sampler against the model
     palette = spec.palette_for(model)  # auto: sprite for pixel art, else none
     c, h, w = model.image_shape
     conditional = model.num_classes > 0
-    inputs, outputs = (["noise", "labels"] if conditional else ["noise"]), ["images", "pixels"]
+    inputs = ["noise", *(["labels"] if conditional else []), *(["source", "fill"] if inpaint else [])]
+    outputs = ["images", "pixels"]
     stem = out.with_suffix("") if out.suffix in (".onnx", ".json") else out
     onnx_path, meta_path = Path(f"{stem}.onnx"), Path(f"{stem}.json")
     axis = "batch" if batch is None else batch
     meta = {
         "onnx": onnx_path.name, "source": src.name, "class_names": model.class_names if conditional else [],
-        "inputs": {"noise": [axis, generator.draws, c, h, w], **({"labels": [axis]} if conditional else {})},
+        "inputs": {"noise": [axis, generator.draws, c, h, w], **({"labels": [axis]} if conditional else {}),
+                   **({"source": [axis, h, w, c], "fill": [axis, h, w]} if inpaint else {})},
         "image_shape": [c, h, w], "noise_draws": generator.draws, "batch": batch, "sampling": record,
         "output_stage": {"palette": "sprite", "colors": spec.palette_colors} if palette else None,
+        # the output stage moves kept pixels too: the caller puts the source's back after it, as edit.py does
+        "inpaint": generator.inpaint.record() if inpaint else None,
     }
     trace_batch = batch or 2  # 2 images, so no size-1 special case is baked into a graph meant for any batch size
     noise = torch.zeros(trace_batch, generator.draws, c, h, w)
-    args = (noise, torch.zeros(trace_batch, dtype=torch.long)) if conditional else (noise,)
+    args = (noise, *([torch.zeros(trace_batch, dtype=torch.long)] if conditional else []),
+            *([torch.zeros(trace_batch, h, w, c, dtype=torch.uint8), torch.zeros(trace_batch, h, w, dtype=torch.uint8)] if inpaint else []))
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     try:

@@ -4,7 +4,8 @@
 model's own ``denoiser`` (guidance and objective conversion included), so the export has no copy of the sampling math:
 tracing unrolls the loop and the multistep solvers' Python state into one graph (difflab.export --format onnx). Every
 standard normal draw comes from the ``noise`` input, in the order the sampler asks for them: x_T first, then one per
-noisy step.
+noisy step. With ``inpaint`` the graph also takes a source sprite and a mask and fills the masked pixels
+(difflab.editing.Inpaint, its own ``sample``: the draws are then x_T and every draw of its walk, in order).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difflab.editing import Inpaint
 from difflab.errors import ConfigError
 from difflab.images import to_uint8
 from difflab.model import DiffusionModel
@@ -75,20 +77,35 @@ def traceable(sampler: Sampler) -> Sampler:
     return sampler
 
 
-def noise_draws(sampler: Sampler, model: DiffusionModel) -> int:
-    """D: the standard normal draws one image takes, x_T plus one per noisy step (a dry run on a zero denoiser)."""
+def noise_draws(sampler: Sampler, model: DiffusionModel, edit: Inpaint | None = None) -> int:
+    """D: the standard normal draws one image takes, x_T plus one per noisy step (an inpainting walk: plus the kept
+    pixels' re-noising and the jumps back), counted in a dry run on a zero denoiser."""
     counter = CountingNoise()
     x_T = counter.randn_like(torch.zeros(1, *model.image_shape, device=model.device))
-    sampler.sample(lambda x, t: torch.zeros_like(x), model.schedule, x_T, counter)
+    if edit is None:
+        sampler.sample(lambda x, t: torch.zeros_like(x), model.schedule, x_T, counter)
+    else:
+        edit.sample(sampler, lambda x, t: torch.zeros_like(x), model.schedule, x_T, counter, slice(0, 1))
     return counter.count
 
 
-class SpriteGenerator(nn.Module):
-    """forward(noise (B, D, C, H, W) float32[, labels (B,) int64]) -> images (B, C, H, W) float32 in [-1, 1] (the
-    unclamped sampler output) and pixels (B, H, W, C) uint8 (difflab.images.to_uint8, channels last as PNGs want).
-    A conditional model takes class indices (one-hot contexts inside the graph); an unconditional one no labels."""
+def blank_inpaint(model: DiffusionModel, steps: int) -> Inpaint:
+    """The inpainting the graph runs (method auto: one pass for a model tuned for inpainting, RePaint for another),
+    resolved on a one-image stand-in; forward builds it again on the graph's inputs."""
+    c, h, w = model.image_shape
+    fill = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    fill[..., : h // 2, :] = True
+    return Inpaint(torch.zeros(1, c, h, w, dtype=torch.uint8), fill).for_model(model.inpainting, steps)
 
-    def __init__(self, model: DiffusionModel, spec: SamplingSpec) -> None:
+
+class SpriteGenerator(nn.Module):
+    """forward(noise (B, D, C, H, W) float32[, labels (B,) int64][, source (B, H, W, C) uint8, fill (B, H, W) uint8])
+    -> images (B, C, H, W) float32 in [-1, 1] (the unclamped sampler output) and pixels (B, H, W, C) uint8
+    (difflab.images.to_uint8, channels last as PNGs want). A conditional model takes class indices (one-hot contexts
+    inside the graph); an unconditional one no labels. With ``inpaint``: the pixels where ``fill`` is nonzero are drawn,
+    the others are the source's, exactly."""
+
+    def __init__(self, model: DiffusionModel, spec: SamplingSpec, inpaint: bool = False) -> None:
         super().__init__()
         if model.dtype != torch.float32:
             raise ConfigError(f"the generator traces a float32 network, this one is {model.dtype}: load it with load_model")
@@ -98,15 +115,25 @@ class SpriteGenerator(nn.Module):
         self.net = model.net.eval()  # registered: the weights are the module's own (one initializer each in the graph)
         self.schedule = PlannedSchedule(model.schedule)
         self.num_classes = model.num_classes
-        self.draws = noise_draws(self.sampler, model)
+        self.inpaint = blank_inpaint(model, spec.steps_on(model)) if inpaint else None
+        self.draws = noise_draws(self.sampler, model, self.inpaint)
 
-    def forward(self, noise: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, noise: Tensor, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        labels = inputs[0] if self.num_classes else None
         context = None
-        if self.num_classes:
+        if labels is not None:
             # one-hot by comparison: plain ops in any exporter and runtime
             context = (labels[:, None] == torch.arange(self.num_classes, device=noise.device)).float()
         supply = SuppliedNoise(noise)
         x_T = supply.randn_like(noise[:, 0])
-        images = self.sampler.sample(self.model.denoiser(context, self.spec.guidance), self.schedule, x_T, supply).images
-        return images, to_uint8(images).permute(0, 2, 3, 1)
-
+        if self.inpaint is None:
+            images = self.sampler.sample(self.model.denoiser(context, self.spec.guidance), self.schedule, x_T, supply).images
+            return images, to_uint8(images).permute(0, 2, 3, 1)
+        source, fill = inputs[-2:]
+        i = self.inpaint
+        edit = Inpaint(source.permute(0, 3, 1, 2), (fill != 0)[:, None], i.method, i.jump_length, i.jump_n_sample)
+        rows = slice(None)  # every row (a slice by the traced batch size would fix it in the graph)
+        known = edit.known(rows, noise.device) if self.model.inpainting else None
+        images = edit.sample(self.sampler, self.model.denoiser(context, self.spec.guidance, known), self.schedule, x_T, supply,
+                             rows).images
+        return images, edit.finish(to_uint8(images)).permute(0, 2, 3, 1)
