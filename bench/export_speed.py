@@ -1,11 +1,12 @@
 """Seconds per 64 sprites: PyTorch ``generate`` against the exported ONNX generator in onnxruntime, one run, this CPU.
 
-python bench/export_speed.py [--ckpt pretrained] [--sampler auto] [--steps N] [--n 64] [--repeats 3] [--threads CORES]
+python bench/export_speed.py [--ckpt pretrained] [--sampler auto] [--steps N] [--n 64] [--repeats 3] [--threads CORES] [--inpaint]
 
 The same model, sampler, steps and guidance on both sides (the graph is exported here, into a temporary folder), both
 at --threads intra-op threads (default: every core), median of --repeats timed runs after one warm-up each. Sampling
 only: the palette stage (PIL, the same on both sides) is left out. PyTorch runs in float32, as the graph does, and in
-the precision sample.py picks by default (auto: bf16 on CPUs with AMX or AVX-512-BF16).
+the precision sample.py picks by default (auto: bf16 on CPUs with AMX or AVX-512-BF16). --inpaint: the export's
+--inpaint graph against generate(edit=Inpaint), the top half of held-out sprites to fill (e.g. --ckpt pretrained_inpaint).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 
 from difflab.checkpoint import resolve_checkpoint
 from difflab.config import PROJECT_ROOT, register_resolvers
+from difflab.editing import Inpaint
 from difflab.export import export_onnx, sampling_spec
+from difflab.masks import region
 from difflab.model import load_model
 from difflab.sampling import generate
 from report import cpu_name  # bench/report.py (python bench/export_speed.py puts bench/ on the path)
@@ -47,6 +50,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--inpaint", action="store_true", help="time inpainting (the top half of held-out sprites)")
     args = p.parse_args()
     import onnxruntime as ort
 
@@ -59,7 +63,7 @@ def main() -> None:
     labels = torch.arange(args.n) % max(model.num_classes, 1)
     contexts = torch.nn.functional.one_hot(labels, model.num_classes).float() if model.num_classes else None
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path, _ = export_onnx(src, Path(tmp) / "generator", args.sampler, args.steps, guidance)
+        onnx_path, _ = export_onnx(src, Path(tmp) / "generator", args.sampler, args.steps, guidance, inpaint=args.inpaint)
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -68,15 +72,27 @@ def main() -> None:
     record = spec32.record(model)
     noise = np.random.default_rng(0).standard_normal((args.n, session.get_inputs()[0].shape[1], *model.image_shape), dtype=np.float32)
     feed = {"noise": noise, **({"labels": labels.numpy()} if model.num_classes else {})}
+    edit = None
+    if args.inpaint:
+        from hydra.utils import instantiate
+
+        datamodule = instantiate(model.config["data"])
+        datamodule.setup("fit")
+        held_out = datamodule.val_set.tensors[0]
+        source = held_out[torch.arange(args.n) % len(held_out)]
+        fill = region("top", model.image_shape[-1]).expand(args.n, 1, *model.image_shape[1:])
+        edit = Inpaint(source, fill)
+        feed |= {"source": source.permute(0, 2, 3, 1).contiguous().numpy(), "fill": fill[:, 0].numpy().astype(np.uint8)}
     rows = [
-        ("PyTorch generate", "float32", timed(lambda: generate(model, spec32, contexts, args.n, stage=lambda x: x), args.repeats)),
+        ("PyTorch generate", "float32", timed(lambda: generate(model, spec32, contexts, args.n, stage=lambda x: x, edit=edit), args.repeats)),
         ("PyTorch generate", f"auto ({str(spec_auto.dtype('cpu')).removeprefix('torch.')})",
-         timed(lambda: generate(model, spec_auto, contexts, args.n, stage=lambda x: x), args.repeats)),
+         timed(lambda: generate(model, spec_auto, contexts, args.n, stage=lambda x: x, edit=edit), args.repeats)),
         ("onnxruntime", "float32", timed(lambda: session.run(["pixels"], feed), args.repeats)),
     ]
     per64 = [(name, precision, s * 64 / args.n) for name, precision, s in rows]
     base = per64[0][2]
-    print(f"{src.name}: {record['sampler']} {record['steps']} steps, guidance {record['guidance']:g}, {args.n} sprites, "
+    what = f", inpainting the top half ({edit.for_model(model.inpainting, spec32.steps_on(model)).method})" if edit else ""
+    print(f"{src.name}{what}: {record['sampler']} {record['steps']} steps, guidance {record['guidance']:g}, {args.n} sprites, "
           f"median of {args.repeats}, {args.threads} threads; {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}\n")
     print("| runtime | precision | s / 64 sprites | speed-up vs PyTorch float32 |\n|---|---|---|---|")
