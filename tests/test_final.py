@@ -34,8 +34,8 @@ def test_a_run_ends_with_the_final_quality_evaluate_py_gives_its_checkpoint(tmp_
 
     ev = evaluate(compose_cfg([f"ckpt={tmp_path / 'run'}", "n=24", "steps=3", "reference=false", "trainer.accelerator=cpu",
                                "trainer.enable_progress_bar=false"], tmp_path / "eval", "evaluate"))
-    for key in ("fd", "kid", "cond_acc", "colors_median", "memorized"):
-        assert row[key] == ev[key], key  # the same code, the same numbers
+    for key in ("fd", "kid", "cond_acc", "colors_median", "memorized", "scorer"):
+        assert row[key] == ev[key], key  # the same code, the same numbers, scored by the same networks
 
 
 def test_the_same_command_skips_a_finished_run_and_continues_one_with_more_epochs(tmp_path, caplog):

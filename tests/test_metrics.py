@@ -219,6 +219,23 @@ def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch, spr
     assert abs(same["fd"]) < 1e-3 * (1 + abs(scores(net, real, noisy(real, 60))["fd"]))
 
 
+def test_the_scorer_names_the_classifier_weights(trained_classifier, sprites):
+    """Two contexts on one classifier file share a scorer; another classifier (or the same one with a weight moved)
+    is another ruler."""
+    from difflab.config import PROJECT_ROOT
+
+    cfg = lambda path: MetricsConfig(classifier_ckpt=str(path), cache_dir=None, memorization=False, kid_subsets=2)  # noqa: E731
+    a, b = (MetricsContext(cfg(trained_classifier), sprites, {}, conditional=True) for _ in range(2))
+    assert a.scorer == b.scorer and len(a.scorer) == 12 and int(a.scorer, 16) >= 0
+    with torch.no_grad():
+        next(b.classifier.net.parameters()).view(-1)[0] += 1e-3
+    del b.__dict__["scorer"]  # cached: computed again from the moved weights
+    assert b.scorer != a.scorer
+    shipped = PROJECT_ROOT / "data" / "classifiers" / "sprites.ckpt"
+    if shipped.is_file():
+        assert MetricsContext(cfg(shipped), sprites, {}, conditional=True).scorer != a.scorer
+
+
 def test_shipped_sprites_classifier_still_scores_its_reported_accuracy(sprites):
     """data/classifiers/sprites.ckpt (what metrics use by default) against today's data and split."""
     from difflab.config import PROJECT_ROOT

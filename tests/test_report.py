@@ -4,6 +4,7 @@ single run, verdicts, and the inputs it refuses."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ REAL_MU, REAL_SIGMA = REAL.mean(0), np.cov(REAL, rowvar=False)
 
 
 def fake_run(root: Path, job: int, overrides: dict[str, object], seed: int, shift: float, hit_rate: float = 0.9,
-             feature: str = "classifier", data: str = "difflab.data.sprites.SpritesDataModule") -> Path:
+             feature: str = "classifier", data: str = "difflab.data.sprites.SpritesDataModule", scorer: str | None = "0123456789ab") -> Path:
     """A finished training run: final.json, .hydra/overrides.yaml and scores.npz whose features are the real distribution
     moved by ``shift`` (FD grows as shift^2 D) and whose classifier hits ``hit_rate`` of every class. The draws depend
     on the seed alone, as a run's do: a setting that changes nothing gives the same figures at the same seed."""
@@ -32,7 +33,7 @@ def fake_run(root: Path, job: int, overrides: dict[str, object], seed: int, shif
     predictions = np.where(rng.random(N) < hit_rate, labels, (labels + 1) % CLASSES)
     np.savez(folder / "scores.npz", features=features, labels=labels, predictions=predictions, real_mu=REAL_MU, real_sigma=REAL_SIGMA)
     acc = float(np.mean([(predictions[labels == c] == c).mean() for c in range(CLASSES)]))
-    row = {"sampler": "dpmpp", "steps": 15, "guidance": 2.0, "n": N, "feature": feature,
+    row = {"sampler": "dpmpp", "steps": 15, "guidance": 2.0, "n": N, "feature": feature, "scorer": scorer,
            "fd": float(FrechetToReal(REAL_MU, REAL_SIGMA)(features)), "kid": shift**2, "cond_acc": acc, "memorized": 0.0}
     training = {"train_steps": 100, "train_seconds": 60.0, "images_seen": 6400, "val_loss": 0.1}
     (folder / "final.json").write_text(json.dumps({"training": training, "row": row, "config": {"seed": seed, "data": {"_target_": data}}}))
@@ -116,6 +117,13 @@ def test_a_report_refuses_what_it_cannot_compare(tmp_path):
     fake_run(tmp_path / "f", 1, {"schedule": "cosine"}, 0, 0.0, feature="inception")
     with pytest.raises(ReportError, match="different feature networks"):
         write_report([tmp_path / "f"])
+    fake_run(tmp_path / "c", 0, {"schedule": "linear"}, 0, 0.0)
+    fake_run(tmp_path / "c", 1, {"schedule": "cosine"}, 0, 0.0, scorer="ba9876543210")  # a retrained classifier
+    with pytest.raises(ReportError, match="different weights .scorer 0123456789ab, ba9876543210.*metrics.classifier_ckpt="):
+        write_report([tmp_path / "c"])
+    fake_run(tmp_path / "c", 2, {"schedule": "sigmoid"}, 0, 0.0, scorer=None)  # a row from before scorers were recorded
+    shutil.rmtree(next((tmp_path / "c").glob("1_*")))
+    write_report([tmp_path / "c"])  # unknown is not a conflict
     fake_run(tmp_path / "d", 0, {"schedule": "linear"}, 0, 0.0)
     fake_run(tmp_path / "d", 1, {"schedule": "cosine"}, 0, 0.0, data="difflab.data.cifar10.CIFAR10DataModule")
     with pytest.raises(ReportError, match="different data sets"):

@@ -80,7 +80,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return module.results
     values = module.results
-    row = {**score_row(spec, module.model, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size), "ema": cfg.ema,
+    row = {**score_row(spec, module.model, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size,
+                     context.scorer), "ema": cfg.ema,
            "run_key": key, "reused_from": None}
     reference = None
     if cfg.get("reference", True):

@@ -186,6 +186,11 @@ def configurations(runs: list[Run]) -> list[Configuration]:
         if len(seen) > 1:
             raise ReportError(f"these runs were scored on different {what} ({', '.join(sorted(map(str, seen)))}): their FD values "
                               "are not comparable; report on runs of one kind")
+    scorers = {r.row["scorer"] for r in runs if r.row.get("scorer")}  # rows written before scorers were recorded: unknown
+    if len(scorers) > 1:
+        raise ReportError(f"these runs were scored by networks with different weights (scorer {', '.join(sorted(scorers))}: a "
+                          "retrained classifier is another ruler): re-score them under one with python evaluate.py ckpt=<run> "
+                          "metrics.classifier_ckpt=<file>")
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
     groups: dict[str, Configuration] = {}

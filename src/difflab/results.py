@@ -24,10 +24,11 @@ RESULT_METRICS = ("fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colo
 
 
 def score_row(spec: SamplingSpec, model: DiffusionModel, n: int, feature: str, values: Mapping[str, Any], seconds: float,
-              world_size: int = 1) -> dict[str, Any]:
-    """One row of scores: the sampling request, the model's schedule, the figures (no per-sample arrays), the time."""
+              world_size: int = 1, scorer: str | None = None) -> dict[str, Any]:
+    """One row of scores: the sampling request, the model's schedule, the figures (no per-sample arrays), the time;
+    ``scorer``: the scoring networks' identity (MetricsContext.scorer)."""
     return {
-        **spec.row(model), "n": n, "feature": feature, "ckpt": str(model.source),
+        **spec.row(model), "n": n, "feature": feature, "scorer": scorer, "ckpt": str(model.source),
         "schedule": type(model.schedule).__name__.removesuffix("Schedule").lower(), "timesteps": model.schedule.timesteps,
         **{k: v for k, v in values.items() if not k.startswith("_")},
         "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2), "world_size": world_size,

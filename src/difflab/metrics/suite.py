@@ -3,8 +3,10 @@ reference), built from the metrics config group (conf/metrics/), and fresh Sampl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,7 +16,7 @@ from torch import Tensor
 from difflab.config import PROJECT_ROOT
 from difflab.errors import ConfigError
 from difflab.metrics.cache import real_features
-from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features
+from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features, fingerprint
 from difflab.metrics.scores import SampleMetrics
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,13 @@ class MetricsContext:
         self.device = device
         self.real = self.features_of(cfg.real_split)
         self.train_images = train_images if cfg.memorization else None
+
+    @cached_property
+    def scorer(self) -> str:
+        """Which networks score: the sha1 (12 hex digits) of the feature network's weights and the classifier's (it also
+        gives the accuracies). A retrained classifier is another ruler: figures compare only under the same scorer."""
+        nets = [self.feature_net] + ([self.classifier] if self.classifier is not None else [])
+        return hashlib.sha1("".join(fingerprint(net) for net in nets).encode()).hexdigest()[:12]
 
     def features_of(self, split: str) -> Tensor:
         """Cached features of a real split (FD/KID compare against them; the reference scores val as samples)."""
