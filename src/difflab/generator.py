@@ -119,19 +119,18 @@ class SpriteGenerator(nn.Module):
         self.draws = noise_draws(self.sampler, model, self.inpaint)
 
     def forward(self, noise: Tensor, *inputs: Tensor) -> tuple[Tensor, Tensor]:
-        labels = inputs[0] if self.num_classes else None
         context = None
-        if labels is not None:
+        if self.num_classes:  # inputs: labels first
             # one-hot by comparison: plain ops in any exporter and runtime
-            context = (labels[:, None] == torch.arange(self.num_classes, device=noise.device)).float()
+            context = (inputs[0][:, None] == torch.arange(self.num_classes, device=noise.device)).float()
         supply = SuppliedNoise(noise)
         x_T = supply.randn_like(noise[:, 0])
         if self.inpaint is None:
             images = self.sampler.sample(self.model.denoiser(context, self.spec.guidance), self.schedule, x_T, supply).images
             return images, to_uint8(images).permute(0, 2, 3, 1)
         source, fill = inputs[-2:]
-        i = self.inpaint
-        edit = Inpaint(source.permute(0, 3, 1, 2), (fill != 0)[:, None], i.method, i.jump_length, i.jump_n_sample)
+        plan = self.inpaint
+        edit = Inpaint(source.permute(0, 3, 1, 2), (fill != 0)[:, None], plan.method, plan.jump_length, plan.jump_n_sample)
         rows = slice(None)  # every row (a slice by the traced batch size would fix it in the graph)
         known = edit.known(rows, noise.device) if self.model.inpainting else None
         images = edit.sample(self.sampler, self.model.denoiser(context, self.spec.guidance, known), self.schedule, x_T, supply,
