@@ -16,7 +16,7 @@ from torch import Tensor
 from difflab.config import PROJECT_ROOT
 from difflab.errors import ConfigError
 from difflab.metrics.cache import real_features
-from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features, fingerprint
+from difflab.metrics.features import ClassifierFeatures, FeatureNet, build_feature_net, classifier_features
 from difflab.metrics.scores import SampleMetrics
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,14 @@ class MetricsContext:
 
     @cached_property
     def scorer(self) -> str:
-        """Which networks score: the sha1 (12 hex digits) of the feature network's weights and the classifier's (it also
-        gives the accuracies). A retrained classifier is another ruler: figures compare only under the same scorer."""
-        nets = [self.feature_net] + ([self.classifier] if self.classifier is not None else [])
-        return hashlib.sha1("".join(fingerprint(net) for net in nets).encode()).hexdigest()[:12]
+        """Which networks score: the sha1 (12 hex digits) of the feature network's and the classifier's identities (their
+        weights' fingerprints, as the real-feature cache keys them; the classifier also gives the accuracies, and with
+        feature=classifier it is the feature network). A retrained classifier is another ruler: figures compare only
+        under the same scorer."""
+        nets = [self.feature_net]
+        if self.classifier is not None and self.classifier is not self.feature_net:
+            nets.append(self.classifier)
+        return hashlib.sha1("|".join(net.cache_id() for net in nets).encode()).hexdigest()[:12]
 
     def features_of(self, split: str) -> Tensor:
         """Cached features of a real split (FD/KID compare against them; the reference scores val as samples)."""
