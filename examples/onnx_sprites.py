@@ -131,22 +131,20 @@ def main(argv: list[str] | None = None) -> Path:
     if bool(inpaint) != (args.image is not None):
         fail("this generator inpaints: give --image sprite.png (and --mask)" if inpaint else
              "this generator draws from noise: leave out --image, or export one with --inpaint")
-    if inpaint:
-        c, h, w = meta["image_shape"]
-        source = np.broadcast_to(read_source(args.image, meta["image_shape"]), (count, h, w, c))
-        fill = np.broadcast_to(read_mask(args.mask, h, w), (count, h, w))
     rng = np.random.default_rng(args.seed)
     noise = rng.standard_normal((count, meta["noise_draws"], *meta["image_shape"]), dtype=np.float32)
     batch = meta["batch"] or count  # a fixed-batch graph: pad the last chunk, keep what was asked for
+    edited = {}
+    if inpaint:  # one source and one mask for every sprite: the same inputs in every chunk
+        source = read_source(args.image, meta["image_shape"])
+        fill = read_mask(args.mask, *source.shape[:2])
+        edited = {"source": np.repeat(source[None], batch, 0), "fill": np.repeat(fill[None], batch, 0)}
     pixels = []
     for start in range(0, count, batch):
         chunk = np.resize(noise[start : start + batch], (batch, *noise.shape[1:]))
-        feed = {"noise": chunk}
+        feed = {"noise": chunk, **edited}
         if labels is not None:
             feed["labels"] = np.resize(labels[start : start + batch], batch).astype(np.int64)
-        if inpaint:
-            feed["source"] = np.resize(source[start : start + batch], (batch, *source.shape[1:]))
-            feed["fill"] = np.resize(fill[start : start + batch], (batch, *fill.shape[1:]))
         pixels.append(session.run(["pixels"], feed)[0][: count - start])
     pixels = np.concatenate(pixels)
     stage = meta["output_stage"]
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
         pixels = np.where(fill[..., None] > 0, pixels, source)
         rows = pixels.reshape(-1, nrow, *pixels.shape[1:])
         magenta = np.array([255, 0, 255][: source.shape[-1]], np.float32)  # the pixels to draw tinted, as edit.py shows them
-        shown = np.where(fill[0, ..., None] > 0, np.round((source[0] + magenta) / 2), source[0]).astype(np.uint8)
+        shown = np.where(fill[..., None] > 0, np.round((source + magenta) / 2), source).astype(np.uint8)
         pixels = np.concatenate([np.broadcast_to(shown, (len(rows), 1, *shown.shape)), rows], 1).reshape(-1, *pixels.shape[1:])
         nrow += 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
