@@ -93,10 +93,15 @@ def reference(ckpt: Path, noise: torch.Tensor, labels: torch.Tensor | None) -> t
         images, pixels = generator(noise, labels)
     hook.remove()
     ts = generator.sampler.timesteps(model.schedule.timesteps)
-    ab = model.schedule.alphas_cumprod[ts].double()
-    gain = float(((1 - ab) / ab).sqrt().max())
     w = 0.0 if distilled is not None else generator.spec.guidance.scale  # a consistency model: one plain network call
-    return generator, images, pixels, chain_tol(model.net, max(outputs), len(ts), w, gain)
+    return generator, images, pixels, bound(model, ts, max(outputs), len(ts), w)
+
+
+def bound(model, ts: list[int], peak: float, calls: int, guidance: float) -> float:
+    """chain_tol for ``calls`` network calls of largest output ``peak`` along timesteps ``ts`` (an eps-model: an output
+    error becomes an x_0 error times sigma_t / alpha_t)."""
+    ab = model.schedule.alphas_cumprod[ts].double()
+    return chain_tol(model.net, peak, calls, guidance, float(((1 - ab) / ab).sqrt().max()))
 
 
 @pytest.mark.parametrize("name", ["diffusion", "consistency"])
@@ -175,10 +180,8 @@ def test_onnx_inpainting_equals_the_edit_and_keeps_every_kept_pixel(exported, na
     hook = model.net.register_forward_hook(lambda m, i, o: peaks.append(float(o.abs().max())))
     out = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float(), edit=Inpaint(source, FILLS))
     hook.remove()
-    ts = spec.sampler_for(model).timesteps(model.schedule.timesteps)
-    ab = model.schedule.alphas_cumprod[ts].double()
-    down = sum(q == p + 1 for p, q in zip(path, path[1:]))
-    tol = chain_tol(model.net, max(peaks), down, spec.guidance.scale, float(((1 - ab) / ab).sqrt().max()))
+    down = sum(q == p + 1 for p, q in zip(path, path[1:]))  # the network calls: one per step down
+    tol = bound(model, spec.sampler_for(model).timesteps(model.schedule.timesteps), max(peaks), down, spec.guidance.scale)
     feed = {"noise": noise.numpy(), "labels": LABELS.numpy(), "source": source.permute(0, 2, 3, 1).contiguous().numpy(),
             "fill": FILLS[:, 0].numpy().astype(np.uint8)}
     onnx_images, onnx_pixels = session(onnx_path).run(None, feed)
