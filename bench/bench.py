@@ -4,7 +4,7 @@ For each model and variant, on the same image size, batch and random data:
   (a) the training step train.py runs: DiffusionModule from difflab.train.build_module(cfg), fitted by a
       lightning.Trainer from cfg.trainer (gradient clipping, precision plugin, EMA callback), each optimizer
       step timed by a callback;
-  (b) DDIM-25 (eta 0) sampling through difflab.sampling.generate (model + SamplingSpec) in precision 32 or bf16.
+  (b) DDIM-25 (eta 0) sampling through difflab.sampling.generate (a SamplingSpec bound to the model) in precision 32 or bf16.
 The peers (bench/peers.py) enter as cfg.model behind an adapter with our net interface, so they run the same
 training and sampling code. Reported: parameters, forward FLOPs per image, img/s (median and IQR after
 warm-up), GFLOP/s and % of the matmul peak measured in the same run, ours / peer ratios.
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": args.override,
         "config": {k: asdict(v) for k, v in configs.items() if any(str(s.image_size) == k for s in selected)},
         "train_path": "difflab.train.build_module(cfg) + lightning.Trainer(**cfg.trainer) with the EMA callback; StepTimer callback",
-        "sample_loop": "difflab.sampling.generate(model, SamplingSpec(DDIMSampler(steps=25, eta=0), palette=None))",
+        "sample_loop": "difflab.sampling.generate(SamplingSpec(DDIMSampler(steps=25, eta=0), palette=None).bind(model))",
         "results": results,
         "ratios": report_mod.ratios(results),
         "notes": notes,

@@ -68,7 +68,7 @@ def accuracy(context: MetricsContext, images: torch.Tensor, labels: torch.Tensor
 
 def timed(model, spec, contexts, edit=None):
     start = time.perf_counter()
-    out = generate(model, spec, contexts, edit=edit)
+    out = generate(spec.bind(model), contexts, edit=edit)
     return out, time.perf_counter() - start
 
 
@@ -101,8 +101,8 @@ def control(context: MetricsContext, model, datamodule, held_out_labels: torch.T
     moved, near = [], []  # mean |pixel change| from the source inside the filled half: a fill that copies its source scores ~0
     for seed in seeds:
         spec = SamplingSpec(SOLVER, seed=seed)
-        runs["fresh samples"].append(hits(context, generate(model, spec, contexts).pixels, labels).float())
-        out = generate(model, spec, contexts, edit=Inpaint(sources, fills, "replace")).pixels
+        runs["fresh samples"].append(hits(context, generate(spec.bind(model), contexts).pixels, labels).float())
+        out = generate(spec.bind(model), contexts, edit=Inpaint(sources, fills, "replace")).pixels
         runs["inpainted, inpainting model"].append(hits(context, out, labels).float())
         per_image = change(out, sources, fills)
         moved.append(float(per_image.mean()))
@@ -207,8 +207,8 @@ def main() -> None:
               "|---|---|---|---|---|---|"]
     ladder = []
     for strength in STRENGTHS:
-        same = generate(model, spec, torch.eye(k)[labels], edit=Vary(images, strength)).pixels
-        moved = generate(model, spec, torch.eye(k)[others], edit=Vary(images, strength)).pixels
+        same = generate(spec.bind(model), torch.eye(k)[labels], edit=Vary(images, strength)).pixels
+        moved = generate(spec.bind(model), torch.eye(k)[others], edit=Vary(images, strength)).pixels
         calls = 2 * (15 - Vary(images, strength).start(15))
         lines.append(f"| {strength:.1f} | {calls} | {change(same, images).mean():.1f} | {accuracy(context, same, labels):.3f} | "
                      f"{change(moved, images).mean():.1f} | "
@@ -218,8 +218,8 @@ def main() -> None:
                         for i in range(min(6, n))]).flatten(0, 1)
     save_png(grid(show, 1 + 2 * len(STRENGTHS)), args.out.with_name(args.out.name + "_ladder.png"))
     fast, few = models["fast"], spec_for("fast", args.seeds[0])
-    same = generate(fast, few, torch.eye(k)[labels], edit=Vary(images, 0.5)).pixels
-    moved = generate(fast, few, torch.eye(k)[others], edit=Vary(images, 0.5)).pixels
+    same = generate(few.bind(fast), torch.eye(k)[labels], edit=Vary(images, 0.5)).pixels
+    moved = generate(few.bind(fast), torch.eye(k)[others], edit=Vary(images, 0.5)).pixels
     lines += ["", f"The few-step model ({args.fast_ckpt}, 2 steps): a strength is rounded to whole steps of its sampler: every strength "
               f"below 0.75 redoes its last step (one network call), 0.75 and above both. At 0.5: change from source {change(same, images).mean():.1f}, "
               f"accuracy {accuracy(context, same, labels):.3f} (own label); change {change(moved, images).mean():.1f}, "
@@ -233,7 +233,7 @@ def main() -> None:
     for pair in range(24):
         a, b = pair % k, (pair % k if pair < 12 else (pair + 3) % k)
         ctx = ((1 - w)[:, None] * torch.eye(k)[a].double() + w[:, None] * torch.eye(k)[b].double()).float()
-        out = generate(model, spec, ctx, edit=Interpolate([(pair, 0), (100 + pair, 0)], w))
+        out = generate(spec.bind(model), ctx, edit=Interpolate([(pair, 0), (100 + pair, 0)], w))
         changes.append(change(out.pixels[1:], out.pixels[:-1]))
     c = torch.stack(changes)
     ratio = c.max(1).values / c.mean(1)

@@ -67,9 +67,10 @@ def main() -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    spec32 = sampling_spec(args.sampler, args.steps, guidance)  # precision 32, as the graph
-    spec_auto = sampling_spec(args.sampler, args.steps, guidance, "auto")
-    record = spec32.record(model)
+    # the raw pixels, as the graph's: no output stage
+    plan32 = sampling_spec(args.sampler, args.steps, guidance, "32", palette="null").bind(model)  # precision 32, as the graph
+    plan_auto = sampling_spec(args.sampler, args.steps, guidance, "auto", palette="null").bind(model)
+    record = plan32.record()
     noise = np.random.default_rng(0).standard_normal((args.n, session.get_inputs()[0].shape[1], *model.image_shape), dtype=np.float32)
     feed = {"noise": noise, **({"labels": labels.numpy()} if model.num_classes else {})}
     edit = None
@@ -84,14 +85,14 @@ def main() -> None:
         edit = Inpaint(source, fill)
         feed |= {"source": source.permute(0, 2, 3, 1).contiguous().numpy(), "fill": fill[:, 0].numpy().astype(np.uint8)}
     rows = [
-        ("PyTorch generate", "float32", timed(lambda: generate(model, spec32, contexts, args.n, stage=lambda x: x, edit=edit), args.repeats)),
-        ("PyTorch generate", f"auto ({str(spec_auto.dtype('cpu')).removeprefix('torch.')})",
-         timed(lambda: generate(model, spec_auto, contexts, args.n, stage=lambda x: x, edit=edit), args.repeats)),
+        ("PyTorch generate", "float32", timed(lambda: generate(plan32, contexts, args.n, edit=edit), args.repeats)),
+        ("PyTorch generate", f"auto ({str(plan_auto.model.dtype).removeprefix('torch.')})",
+         timed(lambda: generate(plan_auto, contexts, args.n, edit=edit), args.repeats)),
         ("onnxruntime", "float32", timed(lambda: session.run(["pixels"], feed), args.repeats)),
     ]
     per64 = [(name, precision, s * 64 / args.n) for name, precision, s in rows]
     base = per64[0][2]
-    what = f", inpainting the top half ({edit.for_model(model.inpainting, spec32.steps_on(model)).method})" if edit else ""
+    what = f", inpainting the top half ({edit.for_model(model.inpainting, plan32.steps).method})" if edit else ""
     print(f"{src.name}{what}: {record['sampler']} {record['steps']} steps, guidance {record['guidance']:g}, {args.n} sprites, "
           f"median of {args.repeats}, {args.threads} threads; {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}\n")

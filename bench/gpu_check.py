@@ -97,18 +97,17 @@ def same_weights(a: Path, b: Path) -> tuple[bool, str]:
     return not differ, f"{ca['global_step']} steps, " + (f"{len(differ)} tensors differ (first: {differ[0]})" if differ else "every weight and optimizer state equal")
 
 
-def chain_bound(model: Any, spec: SamplingSpec, make: Any) -> float:
+def chain_bound(plan: Any, make: Any) -> float:
     """chain_tol with the largest network output of these very samples (``make`` makes them again here on the CPU)."""
+    model = plan.model
     peak = []
     hook = model.net.register_forward_hook(lambda m, i, o: peak.append(float(o.abs().max())))
     make()
     hook.remove()
-    ts = spec.sampler_for(model).timesteps(model.schedule.timesteps)
-    ab = model.schedule.alphas_cumprod[ts].double()
     # an output error d becomes an x_0 error of sigma_t d for a v- or x_0-model, sigma_t / alpha_t d for an eps-model
     eps_model = type(model.objective).__name__ == "EpsPrediction"
-    gain = float(((1 - ab) / ab).sqrt().max()) if eps_model else 1.0
-    return chain_tol(model.net, max(peak), len(ts), spec.guidance.scale, gain)
+    gain = max(level.edm_sigma for level in plan.levels[:-1]) if eps_model else 1.0
+    return chain_tol(model.net, max(peak), plan.steps, plan.guidance.scale, gain)
 
 
 def compare(check: Check, name: str, pixels: dict[str, np.ndarray], tol: float) -> None:
@@ -202,8 +201,8 @@ def main() -> None:
             pixels[f"{key}_{batch}"] = np.load(run / "samples.npz")["images"].astype(int)
     spec = SamplingSpec({"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": sampling_steps}, guidance=guidance,
                         precision="32", palette=None, noise="counter")
-    model = load_model("pretrained")
-    tol = chain_bound(model, spec, lambda: generate(model, spec, torch.eye(model.num_classes).repeat_interleave(n, 0)))
+    plan = spec.bind(load_model("pretrained"))
+    tol = chain_bound(plan, lambda: generate(plan, torch.eye(plan.model.num_classes).repeat_interleave(n, 0)))
     compare(check, f"sample.py {device} vs cpu", pixels, tol)
 
     # 7. edit.py on the device: inpainting with the shipped inpainting model keeps every kept pixel and matches
@@ -222,11 +221,11 @@ def main() -> None:
         kept = ~first["fill"]
         check.record(f"edit.py inpaint on {device}", all((e["images"][:, kept] == e["source"][kept]).all() for e in edited.values()),
                      f"{int(kept.sum())} kept pixels of {len(first['images'])} results each, equal to the source's in every run")
-        inpainter = load_model("pretrained_inpaint")
+        inpainting = spec.bind(load_model("pretrained_inpaint"))
         source = torch.from_numpy(first["source"]).permute(2, 0, 1)[None].expand(len(first["images"]), -1, -1, -1)
         fill = torch.from_numpy(first["fill"])[None, None].expand(len(first["images"]), -1, -1, -1)
-        the_edit = Inpaint(source, fill).for_model(inpainter.inpainting, spec.steps_on(inpainter))
-        tol = chain_bound(inpainter, spec, lambda: generate(inpainter, spec, torch.from_numpy(first["labels"]), edit=the_edit))
+        the_edit = Inpaint(source, fill).for_model(True, inpainting.steps)
+        tol = chain_bound(inpainting, lambda: generate(inpainting, torch.from_numpy(first["labels"]), edit=the_edit))
     compare(check, f"edit.py inpaint {device} vs cpu", {k: e["images"].astype(int) for k, e in edited.items()}, tol if edited else 0.0)
     for name, args_ in (("vary", ["edit=vary", "strength=0.4", "label=weapon"]),
                         ("interpolate", ["edit=interpolate", "seeds=[3,8]", "label=[hero,side-facing]", "frames=4"])):

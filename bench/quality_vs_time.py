@@ -28,7 +28,7 @@ from difflab.sampling import SamplingSpec, generate  # noqa: E402
 from report import cpu_name  # noqa: E402  (bench/report.py: python bench/quality_vs_time.py puts bench/ on the path)
 
 SAMPLERS = {"ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)", "heun": "Heun (EDM)", "unipc": "UniPC (bh2)", "consistency": "consistency",
-            "ddpm": "DDPM"}
+            "ddpm": "DDPM", "euler": "Euler"}
 
 
 def seconds_per_64(row: dict, models: dict, repeats: int) -> tuple[float, int]:
@@ -41,21 +41,22 @@ def seconds_per_64(row: dict, models: dict, repeats: int) -> tuple[float, int]:
         sampler.pop("steps")
     spec = SamplingSpec(sampler, guidance=row["guidance"], precision="auto", palette="sprite" if row.get("palette") else None,
                         palette_colors=int(str(row.get("palette") or "sprite:16").split(":")[1]), seed=0, batch_size=64)
+    plan = spec.bind(model)
     contexts = torch.eye(model.num_classes)[torch.arange(64) % model.num_classes]
     calls = []
-    hook = model.net.register_forward_hook(lambda m, a, o: calls.append(1))
-    generate(model, spec, contexts[:1])  # warm-up, and the count of network calls for one sprite
+    hook = plan.model.net.register_forward_hook(lambda m, a, o: calls.append(1))
+    generate(plan, contexts[:1])  # warm-up, and the count of network calls for one sprite
     hook.remove()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        generate(model, spec, contexts)
+        generate(plan, contexts)
         times.append(time.perf_counter() - start)
     return statistics.median(times), len(calls) * (2 if row["guidance"] and row["sampler"] != "consistency" else 1)
 
 
 _CLASSES = {"ddim": "DDIMSampler", "dpmpp": "DPMSolverPP2MSampler", "heun": "HeunSampler", "unipc": "UniPCSampler",
-            "consistency": "ConsistencySampler", "ddpm": "DDPMSampler"}
+            "consistency": "ConsistencySampler", "ddpm": "DDPMSampler", "euler": "EulerSampler"}
 
 
 def pool_seeds(rows: list[dict]) -> list[dict]:

@@ -114,9 +114,9 @@ def markdown(report: dict[str, Any]) -> str:
         + (", CUDA synchronised" if m["device"].startswith("cuda") else "") + "). "
         f"Batch {both('train_batch')} ({sizes}), {both('train_warmup')} warm-up and {both('train_repeats')} timed steps"
         + (f", x {report['rounds']} interleaved rounds" if report.get("rounds", 1) > 1 else "") + ".",
-        f"- sampling: `difflab.sampling.generate(model, SamplingSpec(DDIMSampler(steps=25, eta=0), guidance="
+        f"- sampling: `difflab.sampling.generate(SamplingSpec(DDIMSampler(steps=25, eta=0), guidance="
         f"{report.get('guidance', 0.0):g}, batch_size=n, precision=..., palette=None), contexts)` on the module's model (its "
-        "objective's conversion to eps included, no output stage): fp32 rows precision 32, bf16 rows precision bf16 "
+        "objective's reading of the network output included, no output stage): fp32 rows precision 32, bf16 rows precision bf16 "
         "(a bf16 copy of the weights, made once before the timed runs). "
         f"{both('sample_n')} images ({sizes}) in one batch, {both('sample_repeats')} timed runs after "
         f"{both('sample_warmup')} warm-up run(s) of {c16['sample_warmup_steps'] if c16 else c32['sample_warmup_steps']} steps.",

@@ -318,7 +318,7 @@ class Runner:
         k = model.num_classes
         g = torch.Generator().manual_seed(1)
         contexts = F.one_hot(torch.randint(0, k, (n,), generator=g), k).float() if k else None
-        return generate(model, self.sampling_spec(steps, precision, seed, guidance, batch_size=n), contexts, n)
+        return generate(self.sampling_spec(steps, precision, seed, guidance, batch_size=n).bind(model), contexts, n)
 
     def time_sampling(self, rc: RunConfig) -> dict[str, Any]:
         precision = self.variant.sample_precision
@@ -346,7 +346,7 @@ class Runner:
             "repeats": rc.sample_repeats,
             "run_s": run_s,
             "img_s": summarize([rc.sample_n / s for s in run_s]),
-            "loop": "difflab.sampling.generate(model, SamplingSpec(DDIMSampler(steps=25, eta=0), palette=None))",
+            "loop": "difflab.sampling.generate(SamplingSpec(DDIMSampler(steps=25, eta=0), palette=None).bind(model))",
             "objective": repr(self.module.model.objective),
             "images_finite": bool(torch.isfinite(out.images).all()),
         }

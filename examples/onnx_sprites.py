@@ -115,16 +115,29 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"--n {args.n} --scale {args.scale}: both must be >= 1")
     try:
         import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
     except ImportError:
         fail(f"this example needs onnxruntime: pip install {ORT_PIN}")
+    export = "python -m difflab.export <checkpoint> <out> --format onnx"
     if not args.onnx.is_file():
-        fail(f"{args.onnx} not found: export one with python -m difflab.export <checkpoint> <out> --format onnx")
+        fail(f"{args.onnx} not found: export one with {export}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
+    # what onnxruntime raises for a file it cannot load as a graph (they share no base class but Exception)
+    try:
+        session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
+    except (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
+            ort_state.NotImplemented) as err:
+        # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from <path> failed:Protobuf parsing failed."
+        reason = str(err).strip().splitlines()[0].rsplit("failed:", 1)[-1].strip()
+        fail(f"{args.onnx} is not an ONNX graph onnxruntime can load ({reason}): give the .onnx that {export} writes")
     # the .json beside it, or the same record inside the graph's metadata (a game may ship the .onnx alone)
     sidecar = args.onnx.with_suffix(".json")
-    meta = json.loads(sidecar.read_text() if sidecar.is_file() else session.get_modelmeta().custom_metadata_map["difflab"])
+    record = sidecar.read_text() if sidecar.is_file() else session.get_modelmeta().custom_metadata_map.get("difflab")
+    if record is None:
+        fail(f"{args.onnx} is an ONNX graph but no difflab sprite generator (no {sidecar.name} beside it, no difflab record "
+             f"inside): give the .onnx that {export} writes")
+    meta = json.loads(record)
     labels, nrow = labels_for(args.label, args.n, meta["class_names"])
     count = len(labels) if labels is not None else args.n
     inpaint = meta.get("inpaint")

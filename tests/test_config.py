@@ -43,9 +43,9 @@ def test_every_option_of_every_group_composes_and_resolves(tmp_path, group):
         cfg = compose_cfg([f"{group}={option}"], tmp_path)
         resolved = {k: cfg[k] for k in cfg if k != "hydra"}
         assert resolved, option
-        # interpolations resolve (model sizes from data, schedule T from the top level)
+        # interpolations resolve (model sizes from data, a T-step schedule's T from the top level)
         assert cfg.model.image_size == cfg.data.image_size
-        assert cfg.schedule.timesteps == cfg.timesteps
+        assert cfg.schedule.get("timesteps", cfg.timesteps) == cfg.timesteps
 
 
 @pytest.mark.parametrize("option", options("model"))
@@ -160,7 +160,7 @@ def test_sampling_defaults_agree_between_sample_evaluate_and_the_callbacks(tmp_p
     sample, evaluate = (compose_cfg([], tmp_path, config_name=name) for name in ("sample", "evaluate"))
     train = compose_cfg(["callbacks=[default,sample_quality]"], tmp_path)
     nodes = (sample, evaluate, train.callbacks.sample_grid.sampling, train.callbacks.sample_quality.sampling)
-    found = [{k: c[k] for k in SamplingSpec.FIELDS if k != "batch_size"} for c in nodes]
+    found = [{k: c[k] for k in SamplingSpec.keys() if k != "batch_size"} for c in nodes]
     assert all(f == found[0] for f in found), found
     assert [c.batch_size for c in nodes] == [256, 256, 256, 128]  # 128: the callback's 256 samples in two chunks (two DDP ranks)
     # sampler=auto: DPM-Solver++ 15 for a diffusion model, consistency sampling in 2 steps for a consistency model

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from difflab.config import to_container
-from difflab.diffusion import q_sample
+from difflab.diffusion import Denoised
 from difflab.errors import ConfigError
 from difflab.model import build_model
 from difflab.objectives import Consistency, EpsPrediction, VPrediction, X0Prediction
 from difflab.samplers import ConsistencySampler, DDIMSampler, DPMSolverPP2MSampler
 from difflab.sampling import ImageNoise, SamplingSpec, generate
-from difflab.schedules import LinearSchedule
+from difflab.schedules import LinearSchedule, RectifiedFlow
 
 from support import compose_cfg
 
@@ -24,6 +24,11 @@ from support import compose_cfg
 def draws(b: int = 6, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, 4, 4, generator=g) * 1.8 - 0.9, torch.randn(b, 3, 4, 4, generator=g)
+
+
+def at(*steps: int, T: int = 100) -> torch.Tensor:
+    """The times t = (k + 1) / T of steps k of a T-step grid (k = -1: t = 0, the clean image)."""
+    return (torch.tensor(steps, dtype=torch.float64) + 1) / T
 
 
 class Oracle(nn.Module):
@@ -37,34 +42,48 @@ class Oracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, t, context=None, context_keep=None):
+        # t: the network's time input, the step k of a grid point (VPSchedule.net_time); x: x_t (the input on a VP schedule)
         x0 = self.x0.repeat(len(x) // len(self.x0), 1, 1, 1)
-        a, sig = (c[t].float().reshape(-1, 1, 1, 1) for c in (self.s.sqrt_alphas_cumprod, self.s.sqrt_one_minus_alphas_cumprod))
-        eps = (x - a * x0) / sig
-        return self.prediction.target(self.s, x0, t, eps)
+        assert torch.equal(t, t.round()), t  # the pairs lie on the grid
+        a, sig = self.s.coefs((t + 1) / self.s.timesteps, x)
+        eps = (x - a.float() * x0) / sig.float()
+        return self.prediction.target(x0, eps, a, sig)
 
 
 @pytest.mark.parametrize("prediction", [EpsPrediction(), X0Prediction(), VPrediction()])
 def test_f_is_the_prediction_as_x0(prediction) -> None:
     s = LinearSchedule(100)
     x0, noise = draws()
-    t = torch.tensor([0, 10, 40, 70, 90, 99])
-    x_t = q_sample(s, x0, t, noise)
-    target = prediction.target(s, x0, t, noise)
-    torch.testing.assert_close(prediction.to_x0(s, x_t, t, target), x0, rtol=0, atol=2e-4 if isinstance(prediction, EpsPrediction) else 1e-5)
-    f = Consistency(prediction).f(lambda x, tt: prediction.target(s, x0, tt, noise), s, x_t, t)
-    torch.testing.assert_close(f, prediction.to_x0(s, x_t, t, target))
+    t = at(0, 10, 40, 70, 90, 99)
+    x_t = s.add_noise(x0, t, noise)
+    a, sig = s.coefs(t, x0)
+    target = prediction.target(x0, noise, a, sig)
+    as_x0 = prediction.denoised(x_t, target, a, sig).x0
+    torch.testing.assert_close(as_x0, x0, rtol=0, atol=2e-4 if isinstance(prediction, EpsPrediction) else 1e-5)
+    # the network is called at the network time of t (the step k on a VP grid) and its output read as x_0
+    f = Consistency(prediction).f(lambda x, k: prediction.target(x0, noise, *s.coefs((k + 1) / 100, x0)), s, x_t, t)
+    torch.testing.assert_close(f, as_x0)
 
 
 def test_partner_halves_the_gap_each_stage_and_stops_at_max_stage() -> None:
+    """At stage k, on a T-step grid, the partner of step i is step j = i - ceil((i + 1) / 2^k), as times (j + 1) / T
+    (j = -1: r = 0, the clean image); on a continuous schedule r = t - t / 2^k."""
     c = Consistency(VPrediction(), stage_steps=10, max_stage=3)
-    t = torch.arange(100)
-    assert torch.equal(c.partner(t, 0), torch.full_like(t, -1))  # stage 0: every t is paired with the clean image
+    s = LinearSchedule(100)
+    i = torch.arange(100)
+    t = at(*i.tolist())
+    assert torch.equal(c.partner(t, 0, s), torch.zeros_like(t))  # stage 0: every t is paired with the clean image
     for step, k in [(10, 1), (25, 2), (30, 3), (1000, 3)]:
-        r = c.partner(t, step)
-        gap = -(-(t + 1) // 2**k)  # ceil((t + 1) / 2^k), by hand
-        assert torch.equal(r, t - gap)
-        assert (r < t).all() and (r >= -1).all()
-    assert c.partner(torch.tensor([0]), 1000).item() == -1  # t = 0 always pairs with the clean image
+        r = c.partner(t, step, s)
+        gap = -(-(i + 1) // 2**k)  # ceil((i + 1) / 2^k), by hand
+        assert torch.equal(r, at(*(i - gap).tolist()))
+        assert (r < t).all() and (r >= 0).all()
+    assert c.partner(at(0), 1000, s).item() == 0  # the first step always pairs with the clean image
+    flow = RectifiedFlow()
+    u = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    assert torch.equal(c.partner(u, 0, flow), torch.zeros_like(u))
+    for step, k in [(10, 1), (25, 2), (1000, 3)]:
+        assert torch.equal(c.partner(u, step, flow), u - u / 2**k)  # one rounding of the same real number either way
 
 
 def test_pseudo_huber_distance() -> None:
@@ -77,16 +96,16 @@ def test_pseudo_huber_distance() -> None:
 
 @pytest.mark.parametrize("prediction", [EpsPrediction(), VPrediction()])
 def test_teacher_step_with_an_exact_teacher_lands_on_the_same_noise_trajectory(prediction) -> None:
-    """The ideal denoiser's ODE keeps the noise of x_t: DDIM from x_t to r gives q_sample(x_0, r, the same noise) (and x_0
-    for r = -1), whatever the guidance (conditional and unconditional outputs agree)."""
+    """The ideal denoiser's ODE keeps the noise of x_t: DDIM from x_t to r gives x_r = alpha_r x_0 + sigma_r (the same
+    noise) (and x_0 for r = 0), whatever the guidance (conditional and unconditional outputs agree)."""
     s = LinearSchedule(100)
     x0, noise = draws()
-    t = torch.tensor([5, 20, 50, 80, 99, 99])
-    r = torch.tensor([-1, 10, 30, 79, 0, -1])
+    t = at(5, 20, 50, 80, 99, 99)
+    r = at(-1, 10, 30, 79, 0, -1)
     c = Consistency(prediction, guidance=2.0)
-    x_t = q_sample(s, x0, t, noise)
+    x_t = s.add_noise(x0, t, noise)
     x_r = c.teacher_step(Oracle(x0, prediction, s), s, x_t, t, r, torch.eye(6))
-    expected = torch.where((r < 0).reshape(-1, 1, 1, 1), x0, q_sample(s, x0, r.clamp(min=0), noise))
+    expected = torch.where((r == 0).reshape(-1, 1, 1, 1), x0, s.add_noise(x0, r, noise))
     torch.testing.assert_close(x_r, expected, rtol=0, atol=1e-4)
 
 
@@ -95,14 +114,16 @@ def test_pair_loss_is_zero_for_the_exact_consistency_function_and_positive_other
     x0, noise = draws()
     c = Consistency(VPrediction(), stage_steps=5, max_stage=4, huber_c=0.0)
     oracle = Oracle(x0, VPrediction(), s)
-    t = torch.tensor([0, 3, 30, 60, 90, 99])
+    t = at(0, 3, 30, 60, 90, 99)
     for step in (0, 5, 12, 100):
         assert c.pair_loss(oracle, oracle, s, x0, t, noise, step, torch.eye(6)).max() < 1e-3
     wrong = Oracle(x0 * 0.5, VPrediction(), s)  # a student that halves every image
     assert (c.pair_loss(wrong, oracle, s, x0, t, noise, 0, torch.eye(6)) > 0.1).all()
     # the targets f(x_r, r) come from target_net when one is given: an exact target pulls the halving student back
-    # (stage 2: every t > 2 has r >= 0, a target from the network), the halving one as target agrees with it at r
-    t = torch.tensor([3, 30, 60, 90, 99, 50])
+    # (stage 2: every step k > 2 has a noisy partner r > 0, a target from the network), the halving one as target agrees
+    # with it at r
+    t = at(3, 30, 60, 90, 99, 50)
+    assert (c.partner(t, 10, s) > 0).all()
     own = c.pair_loss(wrong, oracle, s, x0, t, noise, 10, torch.eye(6))
     assert own.max() < 1e-3  # the halving student is consistent with itself: what a target from the network misses
     assert (c.pair_loss(wrong, oracle, s, x0, t, noise, 10, torch.eye(6), target_net=oracle) > 0.1).all()
@@ -136,52 +157,56 @@ def test_target_ema_is_checked_and_the_target_network_follows_the_student(tmp_pa
     assert off.target_net is None and not any(k.startswith("target_net.") for k in off.state_dict())
 
 
-class ConstantX0(nn.Module):
-    """eps that makes every x_0 prediction the image ``c`` (a consistency model whose data set is one image)."""
+def constant_x0(c):
+    """A denoiser whose every x_0 prediction is the image ``c`` (a consistency model whose data set is one image)."""
 
-    def __init__(self, c):
-        super().__init__()
-        self.c = c
+    def denoise(x, level):
+        # eps = (x_t - alpha x_0) / sigma
+        return Denoised(c.expand_as(x), (x - level.alpha * c) / level.sigma)
 
-    def __call__(self, x, t):
-        s = self.s
-        a, sig = s.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1), s.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        return (x - a * self.c) / sig
+    return denoise
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_consistency_sampling_returns_f_and_renoises_with_the_images_own_stream(steps) -> None:
     s = LinearSchedule(100)
     c = torch.rand(1, 3, 4, 4) * 1.6 - 0.8
-    den = ConstantX0(c)
-    den.s = s
     sampler = ConsistencySampler(steps)
     noise = ImageNoise(0, [0, 1])
     x_T = noise.randn((3, 4, 4))
-    out = sampler.sample(den, s, x_T, noise, record_every=1)
+    out = sampler.sample(constant_x0(c), s, x_T, noise, record_every=1)
     torch.testing.assert_close(out.images, c.expand(2, -1, -1, -1), rtol=0, atol=1e-5)
-    assert out.chain_t == [99, *sampler.timesteps(100)[1:], -1]
-    if steps > 1:  # x_{t1} = sqrt(ab) x_0 + sqrt(1 - ab) z, z the images' second draws
+    ts = sampler.times(s)
+    assert out.chain_t == [1.0, *ts[1:], 0.0] and ts[0] == 1.0  # from step T-1 (t = 1) to the clean image
+    if steps > 1:  # x_{t1} = alpha x_0 + sigma z, z the images' second draws
         again = ImageNoise(0, [0, 1])
         again.randn((3, 4, 4))
         z = again.randn((3, 4, 4))
-        ab = s.alphas_cumprod[sampler.timesteps(100)[1]]
+        ab = s.alphas_cumprod[round(ts[1] * 100) - 1]
         torch.testing.assert_close(out.chain[1], ab.sqrt() * c + (1 - ab).sqrt() * z, rtol=0, atol=1e-5)
 
 
+def grid_steps(sampler: ConsistencySampler, T: int) -> list[int]:
+    """The steps k of a sampler's times on a T-step grid (each t = (k + 1) / T exactly)."""
+    ts = sampler.times(LinearSchedule(T))
+    ks = [round(t * T) - 1 for t in ts]
+    assert ts == [(k + 1) / T for k in ks], ts
+    return ks
+
+
 def test_consistency_sampler_settings_are_checked() -> None:
-    assert ConsistencySampler(2, timesteps=[999, 299]).timesteps(1000) == [999, 299]
-    assert ConsistencySampler(2).timesteps(1000) == [999, 500]  # (T - 1) (1 - i/2): round(499.5) = 500
-    assert ConsistencySampler(4).timesteps(1000) == [999, 749, 500, 250]
-    assert ConsistencySampler(2, rho=2.0).timesteps(1000) == [999, 250]  # (T - 1) (1 - i/2)^2
+    assert grid_steps(ConsistencySampler(2, timesteps=[999, 299]), 1000) == [999, 299]
+    assert grid_steps(ConsistencySampler(2), 1000) == [999, 500]  # (T - 1) (1 - i/2): round(499.5) = 500
+    assert grid_steps(ConsistencySampler(4), 1000) == [999, 749, 500, 250]
+    assert grid_steps(ConsistencySampler(2, rho=2.0), 1000) == [999, 250]  # (T - 1) (1 - i/2)^2
     with pytest.raises(ConfigError, match="repeats timesteps"):
-        ConsistencySampler(8, rho=3.0).timesteps(20)
+        ConsistencySampler(8, rho=3.0).times(LinearSchedule(20))
     with pytest.raises(ConfigError, match="1 to 8 steps"):
         ConsistencySampler(9)
     with pytest.raises(ConfigError, match="2 decreasing timesteps"):
         ConsistencySampler(2, timesteps=[100, 300])
     with pytest.raises(ConfigError, match=r"\[0, T-1=99\]"):
-        ConsistencySampler(2, timesteps=[999, 10]).timesteps(100)
+        ConsistencySampler(2, timesteps=[999, 10]).times(LinearSchedule(100))
 
 
 @pytest.fixture(scope="module")
@@ -196,20 +221,22 @@ def test_sampler_auto_follows_the_model(models) -> None:
     diffusion, consistency = models
     spec = SamplingSpec({"diffusion": {"_target_": "difflab.samplers.DPMSolverPP2MSampler", "steps": 15},
                          "consistency": {"_target_": "difflab.samplers.ConsistencySampler", "steps": 2}}, steps=3, palette=None)
-    assert isinstance(spec.sampler_for(diffusion), DPMSolverPP2MSampler) and spec.steps_on(diffusion) == 3
-    assert isinstance(spec.sampler_for(consistency), ConsistencySampler) and spec.steps_on(consistency) == 3
-    assert spec.record(consistency)["sampler"] == "consistency" and spec.record(diffusion)["sampler"] == "dpmpp"
+    on_diffusion, on_consistency = spec.bind(diffusion), spec.bind(consistency)
+    assert isinstance(on_diffusion.sampler, DPMSolverPP2MSampler) and on_diffusion.steps == 3
+    assert isinstance(on_consistency.sampler, ConsistencySampler) and on_consistency.steps == 3
+    assert on_consistency.record()["sampler"] == "consistency" and on_diffusion.record()["sampler"] == "dpmpp"
 
 
 def test_who_may_sample_what(models) -> None:
     diffusion, consistency = models
-    ctx = torch.eye(diffusion.num_classes)[:2]
     with pytest.raises(ConfigError, match="samples consistency models only"):
-        generate(diffusion, SamplingSpec(ConsistencySampler(2), palette=None), ctx)
+        SamplingSpec(ConsistencySampler(2), palette=None).bind(diffusion)
     with pytest.raises(ConfigError, match="is a consistency model: sample it with sampler=consistency"):
-        generate(consistency, SamplingSpec(DDIMSampler(2), palette=None), ctx)
+        SamplingSpec(DDIMSampler(2), palette=None).bind(consistency)
     with pytest.raises(ConfigError, match="guidance 2 distilled in"):
-        generate(consistency, SamplingSpec(ConsistencySampler(2), guidance=3.0, palette=None), ctx)
+        SamplingSpec(ConsistencySampler(2), guidance=3.0, palette=None).bind(consistency)
+    # the distilled guidance as it is: sampled with no guidance of its own
+    assert SamplingSpec(ConsistencySampler(2), guidance=2.0, palette=None).bind(consistency).guidance.scale == 0
 
 
 def test_a_consistency_step_is_one_plain_network_call(models) -> None:
@@ -218,7 +245,7 @@ def test_a_consistency_step_is_one_plain_network_call(models) -> None:
     calls = []
     handle = consistency.net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
-        generate(consistency, SamplingSpec(ConsistencySampler(2), precision="32", palette=None), torch.eye(consistency.num_classes)[:3])
+        generate(SamplingSpec(ConsistencySampler(2), precision="32", palette=None).bind(consistency), torch.eye(consistency.num_classes)[:3])
     finally:
         handle.remove()
     assert calls == [3, 3]

@@ -12,14 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.editing import Inpaint, Interpolate, Vary, repaint_path, slerp, walk
+from difflab.editing import Inpaint, Interpolate, Vary, repaint_path, slerp
+from difflab.images import to_unit_range
 from difflab.model import load_model
-from difflab.samplers import DDIMSampler, DPMSolverPP2MSampler, HeunSampler
-from difflab.samplers.base import spaced_timesteps
+from difflab.samplers import DDIMSampler, DPMSolverPP2MSampler, HeunSampler, spaced_timesteps
+from difflab.samplers.base import walk
 from difflab.sampling import SamplingSpec, generate
 from difflab.schedules import LinearSchedule
 
 from support import check_one_line, run_in_process, run_script
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small batches on a shared machine (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +59,8 @@ def test_a_jump_back_lands_on_the_forward_marginal():
     noise = torch.Generator().manual_seed(0)
     x_t = s.alphas_cumprod[t].sqrt() * x0 + (1 - s.alphas_cumprod[t]).sqrt() * torch.randn(n, 1, generator=noise)
 
-    class Up(DDIMSampler):  # a two-position walk whose one move is a jump: from t (position 1) back to t_up (position 0)
-        def timesteps(self, T):
-            return [t_up, t]
-
-    out = walk(Up(2), None, s, x_t, noise, [1, 0])
+    # a two-position walk whose one move is a jump: from t (position 1) back to t_up (position 0)
+    out = walk(DDIMSampler(2), None, s, [s.level_at(t_up), s.level_at(t)], x_t, noise, [1, 0])
     ab = float(s.alphas_cumprod[t_up])
     mean, var = out.images.mean().item(), out.images.var().item()
     # standard errors of a mean and a variance of n normal draws: sqrt(v / n), v sqrt(2 / n); 5 of them
@@ -84,8 +84,8 @@ def test_inpainting_keeps_every_kept_pixel_exactly(model, held_out, method, pale
     source = images[:6]
     fill = torch.zeros(6, 1, 16, 16, dtype=torch.bool)
     fill[:, :, :8] = True  # the top half
-    spec = SamplingSpec(DDIMSampler(6), palette=palette, seed=1)
-    out = generate(model, spec, torch.eye(6)[labels[:6]], edit=Inpaint(source, fill, method, jump_length=2, jump_n_sample=2))
+    plan = SamplingSpec(DDIMSampler(6), palette=palette, seed=1).bind(model)
+    out = generate(plan, torch.eye(6)[labels[:6]], edit=Inpaint(source, fill, method, jump_length=2, jump_n_sample=2))
     keep = ~fill.expand_as(source)
     assert torch.equal(out.pixels[keep], source[keep])  # after the output stage too
     assert torch.equal(out.images[keep], (source.float() / 127.5 - 1)[keep])
@@ -95,11 +95,11 @@ def test_inpainting_keeps_every_kept_pixel_exactly(model, held_out, method, pale
 def test_repaint_costs_what_its_walk_says(model, held_out):
     images, labels = held_out
     calls = []
-    hook = model.net.register_forward_hook(lambda *_: calls.append(1))
+    plan = SamplingSpec(DDIMSampler(15), guidance=0.0, palette=None).bind(model)
+    hook = plan.model.net.register_forward_hook(lambda *_: calls.append(1))  # the network the plan samples with
     try:
-        spec = SamplingSpec(DDIMSampler(15), guidance=0.0, palette=None)
         edit = Inpaint(images[:1], torch.ones(1, 1, 16, 16, dtype=torch.bool).tril(), "repaint", 3, 4)
-        generate(model, spec, torch.eye(6)[labels[:1]], edit=edit)
+        generate(plan, torch.eye(6)[labels[:1]], edit=edit)
     finally:
         hook.remove()
     path = repaint_path(15, 3, 4)
@@ -110,10 +110,11 @@ def test_sdedit_redoes_the_share_of_the_chain_strength_asks_for(model, held_out)
     images, labels = held_out
     source, contexts = images[:16], torch.eye(6)[labels[:16]]
     distance, calls = [], []
-    hook = model.net.register_forward_hook(lambda *_: calls.append(1))
+    plan = SamplingSpec(DDIMSampler(10), guidance=0.0, palette=None).bind(model)
+    hook = plan.model.net.register_forward_hook(lambda *_: calls.append(1))
     for strength in (0.2, 0.6, 1.0):
         calls.clear()
-        out = generate(model, SamplingSpec(DDIMSampler(10), guidance=0.0, palette=None), contexts, edit=Vary(source, strength))
+        out = generate(plan, contexts, edit=Vary(source, strength))
         assert len(calls) == round(10 * strength)
         distance.append((out.pixels.float() - source.float()).abs().mean().item())
     hook.remove()
@@ -122,14 +123,14 @@ def test_sdedit_redoes_the_share_of_the_chain_strength_asks_for(model, held_out)
 
 
 def test_interpolation_ends_are_the_two_samples_and_frames_change_smoothly(model, tmp_path):
-    spec = SamplingSpec(DPMSolverPP2MSampler(8), seed=0)
+    plan = SamplingSpec(DPMSolverPP2MSampler(8), seed=0).bind(model)
     frames = 9
     w = torch.linspace(0, 1, frames, dtype=torch.float64)
     ends = torch.eye(6)[[0, 5]]
     contexts = ((1 - w)[:, None] * ends[0] + w[:, None] * ends[1]).float()
-    out = generate(model, spec, contexts, edit=Interpolate([(3, 0), (8, 0)], w))
+    out = generate(plan, contexts, edit=Interpolate([(3, 0), (8, 0)], w))
     for seed, label, frame in ((3, 0, 0), (8, 5, frames - 1)):
-        own = generate(model, SamplingSpec(DPMSolverPP2MSampler(8), seed=seed), torch.eye(6)[[label]])
+        own = generate(SamplingSpec(DPMSolverPP2MSampler(8), seed=seed).bind(model), torch.eye(6)[[label]])
         assert torch.equal(own.pixels[0], out.pixels[frame])
     change = (out.pixels[1:].float() - out.pixels[:-1].float()).abs().mean((1, 2, 3))
     # smooth: no frame-to-frame change over 3x the mean change (a jump would carry most of the way in one frame)
@@ -145,15 +146,40 @@ def test_repaint_jumps_only_where_the_sampler_has_more_steps_than_a_jump(model, 
     auto = Inpaint(images[:1], fill, jump_length=3)
     assert auto.for_model(False, 4).method == "repaint" and auto.for_model(False, 3).method == "replace"
     with pytest.raises(ConfigError, match=r"takes 3: give it more steps \(steps=4 or more\)"):
-        generate(model, SamplingSpec(DDIMSampler(3)), torch.eye(6)[labels[:1]], edit=Inpaint(images[:1], fill, "repaint", 3, 4))
+        generate(SamplingSpec(DDIMSampler(3)).bind(model), torch.eye(6)[labels[:1]], edit=Inpaint(images[:1], fill, "repaint", 3, 4))
     assert Inpaint(images[:1], fill, "repaint", 3, 1).for_model(False, 3).method == "repaint"  # one pass: nothing to jump
 
 
-def test_heun_refuses_to_edit_with_the_samplers_that_can(model, held_out):
-    from difflab.errors import ConfigError
+@pytest.mark.parametrize("method", ["replace", "repaint"])
+def test_heun_inpaints_keeping_every_kept_pixel_exactly(model, held_out, method):
+    """Heun edits as every sampler does (its two network calls per step inside one step of the walk): the kept pixels
+    are the source's exactly, before and after the output stage, and the rest is drawn; RePaint's jumps back up the
+    grid (a fresh start of Heun's steps) are walked too."""
+    images, labels = held_out
+    source = images[:4]
+    fill = torch.zeros(4, 1, 16, 16, dtype=torch.bool)
+    fill[..., 4:12, 4:12] = True  # the middle
+    plan = SamplingSpec(HeunSampler(4), palette="sprite", seed=2).bind(model)
+    calls = []
+    hook = plan.model.net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = generate(plan, torch.eye(6)[labels[:4]], edit=Inpaint(source, fill, method, jump_length=2, jump_n_sample=2))
+    finally:
+        hook.remove()
+    keep = ~fill.expand_as(source)
+    assert torch.equal(out.pixels[keep], source[keep]) and torch.equal(out.images[keep], to_unit_range(source)[keep])
+    assert out.images.isfinite().all() and (out.pixels[~keep] != source[~keep]).float().mean() > 0.5
+    path = repaint_path(4, 2, 2) if method == "repaint" else list(range(5))
+    # Heun: two calls per step down, one for the last (to the clean image)
+    assert len(calls) == sum(2 if q < 4 else 1 for p, q in zip(path, path[1:]) if q == p + 1)
 
-    with pytest.raises(ConfigError, match="use sampler=dpmpp"):
-        generate(model, SamplingSpec(HeunSampler(4)), torch.eye(6)[[0]], edit=Vary(held_out[0][:1], 0.5))
+
+def test_heun_varies_from_the_share_of_its_grid_strength_asks_for(model, held_out):
+    images, labels = held_out
+    plan = SamplingSpec(HeunSampler(5), palette=None).bind(model)
+    for strength, steps in ((0.2, 1), (0.5, 2), (1.0, 5)):  # round(5 s), at least one
+        out = generate(plan, torch.eye(6)[labels[:2]], record_every=1, edit=Vary(images[:2], strength))
+        assert out.chain_t == [level.t for level in plan.levels[5 - steps:]] and out.images.isfinite().all()
 
 
 def _png(path: Path, array: np.ndarray) -> Path:

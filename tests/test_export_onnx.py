@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -24,17 +25,19 @@ from difflab.cli import run
 from difflab.config import PROJECT_ROOT, to_container
 from difflab.editing import Inpaint, repaint_path
 from difflab.export import ONNX_PINS, main, sampling_spec
-from difflab.generator import SpriteGenerator, exportable
+from difflab.generator import SpriteGenerator
 from difflab.images import snap_to_palette, to_uint8
 from difflab.masks import region
 from difflab.model import build_model, load_model
-from difflab.sampling import ImageNoise, generate
+from difflab.samplers import EulerSampler, HeunSampler
+from difflab.sampling import ImageNoise, SamplingPlan, SamplingSpec, generate
 from difflab.tolerance import chain_tol
 
 from support import compose_cfg
 
 EXAMPLE = PROJECT_ROOT / "examples" / "onnx_sprites.py"
 LABELS = torch.tensor([0, 2, 5, 3])
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny batches on a shared machine (conftest.py)
 
 
 def save_model(root: Path, name: str, overrides: list[str], ema: bool = True) -> Path:
@@ -56,16 +59,23 @@ def save_model(root: Path, name: str, overrides: list[str], ema: bool = True) ->
 def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (checkpoint, .onnx): sampler auto (dpmpp 15 steps, guidance 2 / consistency 2 steps, its distilled 2); an
     inpainting model's graph samples from scratch (no known-pixel inputs); the --inpaint graphs take a source and a mask:
-    one pass with the inpainting model, RePaint (with jumps: 5 steps, jump_length 3) with the plain one."""
+    one pass with the inpainting model, RePaint (with jumps: 5 steps, jump_length 3) with the plain one; Heun's graph
+    (4 steps: 7 network calls) from the plain model."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
-    for name, overrides, extra in (("diffusion", [], []), ("consistency", ["objective=consistency"], []),
-                                   ("inpainting", ["model.cond_channels=4"], []),  # samples from scratch: nothing known
-                                   ("uncond", ["model.num_classes=0"], ["--batch", "3", "--sampler", "ddim", "--steps", "4"]),
-                                   ("inpaint_graph", ["model.cond_channels=4"], ["--inpaint", "--steps", "4"]),
-                                   ("repaint_graph", [], ["--inpaint", "--sampler", "ddim", "--steps", "5"])):
-        ckpt = save_model(root, name, overrides)
-        out[name] = (ckpt, main([str(ckpt), str(root / name), "--format", "onnx", *extra]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread (a module's fixture runs before it)
+    try:
+        for name, overrides, extra in (("diffusion", [], []), ("consistency", ["objective=consistency"], []),
+                                       ("inpainting", ["model.cond_channels=4"], []),  # samples from scratch: nothing known
+                                       ("uncond", ["model.num_classes=0"], ["--batch", "3", "--sampler", "ddim", "--steps", "4"]),
+                                       ("inpaint_graph", ["model.cond_channels=4"], ["--inpaint", "--steps", "4"]),
+                                       ("repaint_graph", [], ["--inpaint", "--sampler", "ddim", "--steps", "5"]),
+                                       ("heun", [], ["--sampler", "heun", "--steps", "4"])):
+            ckpt = save_model(root, name, overrides)
+            out[name] = (ckpt, main([str(ckpt), str(root / name), "--format", "onnx", *extra]))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -92,16 +102,15 @@ def reference(ckpt: Path, noise: torch.Tensor, labels: torch.Tensor | None) -> t
     with torch.no_grad():
         images, pixels = generator(noise, labels)
     hook.remove()
-    ts = generator.sampler.timesteps(model.schedule.timesteps)
-    w = 0.0 if distilled is not None else generator.spec.guidance.scale  # a consistency model: one plain network call
-    return generator, images, pixels, bound(model, ts, max(outputs), len(ts), w)
+    plan = generator.plan
+    assert plan.guidance.scale == (0.0 if distilled is not None else 2.0)  # a consistency model: one plain network call
+    return generator, images, pixels, bound(plan, max(outputs), len(outputs), plan.guidance.scale)
 
 
-def bound(model, ts: list[int], peak: float, calls: int, guidance: float) -> float:
-    """chain_tol for ``calls`` network calls of largest output ``peak`` along timesteps ``ts`` (an eps-model: an output
-    error becomes an x_0 error times sigma_t / alpha_t)."""
-    ab = model.schedule.alphas_cumprod[ts].double()
-    return chain_tol(model.net, peak, calls, guidance, float(((1 - ab) / ab).sqrt().max()))
+def bound(plan: SamplingPlan, peak: float, calls: int, guidance: float) -> float:
+    """chain_tol for ``calls`` network calls of largest output ``peak`` along the plan's noise levels (an eps-model: an
+    output error becomes an x_0 error times sigma_t / alpha_t, EDM's sigma)."""
+    return chain_tol(plan.model.net, peak, calls, guidance, max(level.edm_sigma for level in plan.levels[:-1]))
 
 
 @pytest.mark.parametrize("name", ["diffusion", "consistency"])
@@ -121,7 +130,7 @@ def test_onnx_images_equal_pytorch_on_the_same_noise(exported, name):
     assert_pixels_close(onnx_pixels, pixels, onnx_images, images)
     assert torch.equal(pixels, to_uint8(images).permute(0, 2, 3, 1))
     # the bound still tells a wrong sampling apart: no guidance, or x_T's draw reused for the re-noising
-    model = generator.model
+    model = generator.plan.model
     wrong = SpriteGenerator(model, sampling_spec("auto", None, 0.0)).eval() if name == "diffusion" else generator
     with torch.no_grad():
         other, _ = wrong(noise if name == "diffusion" else noise[:, [0, 0]], LABELS)
@@ -142,7 +151,7 @@ def test_onnx_on_per_image_streams_equals_generate(exported, name):
     streams = ImageNoise(spec.seed, range(len(LABELS)))
     noise = torch.stack([streams.randn(model.image_shape) for _ in range(meta["noise_draws"])], 1)
     *_, tol = reference(ckpt, noise, LABELS)
-    out = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float())
+    out = generate(spec.bind(model), nn.functional.one_hot(LABELS, model.num_classes).float())
     onnx_images, onnx_pixels = session(onnx_path).run(None, {"noise": noise.numpy(), "labels": LABELS.numpy()})
     assert np.abs(onnx_images - out.images.numpy()).max() <= tol
     assert_pixels_close(onnx_pixels, to_uint8(out.images).permute(0, 2, 3, 1), onnx_images, out.images)
@@ -168,20 +177,21 @@ def test_onnx_inpainting_equals_the_edit_and_keeps_every_kept_pixel(exported, na
     ckpt, onnx_path = exported[name]
     meta = json.loads(onnx_path.with_suffix(".json").read_text())
     model = load_model(ckpt)
-    spec = sampling_spec(meta["sampling"]["sampler"], meta["sampling"]["steps"], None)
-    steps = spec.steps_on(model)
+    plan = sampling_spec(meta["sampling"]["sampler"], meta["sampling"]["steps"], None).bind(model)
+    steps = plan.steps
     path = repaint_path(steps, 3, 4) if method == "repaint" else list(range(steps + 1))
     assert meta["inpaint"]["method"] == method and meta["noise_draws"] == len(path) + 1
     assert [i.name for i in session(onnx_path).get_inputs()] == ["noise", "labels", "source", "fill"]
     source = random_sources()
-    streams = ImageNoise(spec.seed, range(len(LABELS)))
+    streams = ImageNoise(plan.seed, range(len(LABELS)))
     noise = torch.stack([streams.randn(model.image_shape) for _ in range(meta["noise_draws"])], 1)
     peaks = []
-    hook = model.net.register_forward_hook(lambda m, i, o: peaks.append(float(o.abs().max())))
-    out = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float(), edit=Inpaint(source, FILLS))
+    hook = plan.model.net.register_forward_hook(lambda m, i, o: peaks.append(float(o.abs().max())))
+    out = generate(plan, nn.functional.one_hot(LABELS, model.num_classes).float(), edit=Inpaint(source, FILLS))
     hook.remove()
     down = sum(q == p + 1 for p, q in zip(path, path[1:]))  # the network calls: one per step down
-    tol = bound(model, spec.sampler_for(model).timesteps(model.schedule.timesteps), max(peaks), down, spec.guidance.scale)
+    assert len(peaks) == down
+    tol = bound(plan, max(peaks), down, plan.guidance.scale)
     feed = {"noise": noise.numpy(), "labels": LABELS.numpy(), "source": source.permute(0, 2, 3, 1).contiguous().numpy(),
             "fill": FILLS[:, 0].numpy().astype(np.uint8)}
     onnx_images, onnx_pixels = session(onnx_path).run(None, feed)
@@ -191,9 +201,40 @@ def test_onnx_inpainting_equals_the_edit_and_keeps_every_kept_pixel(exported, na
     assert (onnx_pixels[~kept] != feed["source"][~kept]).mean() > 0.5  # the rest is drawn
     # the bound tells the walk apart: the same draws without the jumps back (the plain replacement pass)
     if method == "repaint":
-        plain = generate(model, spec, nn.functional.one_hot(LABELS, model.num_classes).float(),
+        plain = generate(plan, nn.functional.one_hot(LABELS, model.num_classes).float(),
                          edit=Inpaint(source, FILLS, "replace")).images
         assert (plain - out.images).abs().max() > 2 * tol
+
+
+def test_heun_exports_and_its_graph_equals_generate(exported):
+    """Heun unrolls into the graph like every sampler (its two network calls a step, the last step Euler's): on each
+    image's own stream the graph makes generate()'s images, within the chain bound of its 2N - 1 calls."""
+    ckpt, onnx_path = exported["heun"]
+    meta = json.loads(onnx_path.with_suffix(".json").read_text())
+    # no churn: x_T is the only draw
+    assert (meta["sampling"]["sampler"], meta["sampling"]["steps"], meta["noise_draws"]) == ("heun", 4, 1)
+    model = load_model(ckpt)
+    plan = sampling_spec("heun", 4, None).bind(model)
+    contexts = nn.functional.one_hot(LABELS, model.num_classes).float()
+    noise = ImageNoise(plan.seed, range(len(LABELS))).randn(model.image_shape)[:, None]
+    peaks = []
+    hook = plan.model.net.register_forward_hook(lambda m, i, o: peaks.append(float(o.abs().max())))
+    try:
+        out = generate(plan, contexts)
+    finally:
+        hook.remove()
+    assert len(peaks) == 2 * 4 - 1
+    tol = bound(plan, max(peaks), len(peaks), plan.guidance.scale)
+    onnx_images, onnx_pixels = session(onnx_path).run(None, {"noise": noise.numpy(), "labels": LABELS.numpy()})
+    assert np.isfinite(onnx_images).all() and np.abs(onnx_images - out.images.numpy()).max() <= tol
+    assert_pixels_close(onnx_pixels, to_uint8(out.images).permute(0, 2, 3, 1), onnx_images, out.images)
+
+    class Predictor(EulerSampler):  # Heun's levels without its correction: Euler's steps alone
+        def times(self, schedule):
+            return HeunSampler(4).times(schedule)
+
+    euler = generate(SamplingSpec(Predictor(4), guidance=plan.guidance.scale, precision="32", palette=None).bind(model), contexts)
+    assert (euler.images - out.images).abs().max() > 2 * tol  # the bound tells the correction apart
 
 
 def test_example_regions_are_the_projects():
@@ -256,20 +297,36 @@ def test_fixed_batch_unconditional_export(exported, tmp_path):
     assert np.asarray(Image.open(out)).shape == (68 + 4, 5 * 68 + 4, 3)  # 5 sprites from two chunks of the fixed 3
 
 
+def foreign_graph(path: Path) -> Path:
+    """A valid ONNX graph (y = x) that difflab did not export: no record inside, no .json beside it."""
+    x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y"))
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    # the IR version of the exporter's graphs (onnx's own default may be newer than onnxruntime reads)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8), str(path))
+    return path
+
+
 @pytest.mark.parametrize("graph,args,expected", [
+    ("text", [], "notes.onnx is not an ONNX graph onnxruntime can load (Protobuf parsing failed.): give the .onnx that "
+                 "python -m difflab.export <checkpoint> <out> --format onnx writes"),
+    ("foreign", [], "identity.onnx is an ONNX graph but no difflab sprite generator (no identity.json beside it"),
     ("diffusion", ["--image", "{png}"], "this generator draws from noise: leave out --image, or export one with --inpaint"),
     ("inpaint_graph", [], "this generator inpaints: give --image sprite.png (and --mask)"),
     ("inpaint_graph", ["--image", "{big}"], "is 20x20: this generator draws 16x16 sprites"),
     ("inpaint_graph", ["--image", "{png}", "--mask", "0,0,16,16"], "that keeps some pixels"),
     ("inpaint_graph", ["--image", "{png}", "--mask", "head"], "--mask head: give top, bottom, left, right, center or a box"),
 ])
-def test_example_bad_inpainting_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, graph, args, expected):
+def test_example_bad_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, graph, args, expected):
     files = {"png": tmp_path / "s.png", "big": tmp_path / "big.png"}
     Image.fromarray(random_sources(1)[0].permute(1, 2, 0).numpy()).save(files["png"])
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(files["big"])
+    graphs = {name: onnx_path for name, (_, onnx_path) in exported.items()}
+    graphs["text"] = tmp_path / "notes.onnx"  # not a graph at all
+    graphs["text"].write_text("not an ONNX graph")
+    graphs["foreign"] = foreign_graph(tmp_path / "identity.onnx")
     out = tmp_path / "grid.png"
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(EXAMPLE))["main"]([str(exported[graph][1]), *(a.format(**files) for a in args), "--out", str(out)])
+        runpy.run_path(str(EXAMPLE))["main"]([str(graphs[graph]), *(a.format(**files) for a in args), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not out.exists()
@@ -300,9 +357,8 @@ def run_export(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
 
 @pytest.mark.parametrize("case,args,expected", [
     ("no_ema", [], "holds no EMA weights (trained without callbacks.ema)"),
-    ("heun", ["--sampler", "heun"], f"sampler heun runs its own loop and cannot be exported: choose one of {', '.join(exportable())}"),
     ("no_onnx", [], f"--format onnx needs the onnx package: pip install {ONNX_PINS}"),
-    ("unknown", ["--sampler", "euler"], "--sampler euler: choose one of auto, consistency, ddim, ddpm, dpmpp, heun, unipc"),
+    ("unknown", ["--sampler", "lms"], "--sampler lms: choose one of auto, consistency, ddim, ddpm, dpmpp, euler, heun, unipc"),
     ("steps", ["--steps", "0"], "steps=0: must be an integer >= 1"),
     ("ckpt_format", ["--steps", "5", "--format", "ckpt"], "--steps set the sampling of an ONNX generator: add --format onnx"),
     ("ckpt_format_inpaint", ["--inpaint", "--format", "ckpt"], "--inpaint set the sampling of an ONNX generator: add --format onnx"),

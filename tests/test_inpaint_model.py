@@ -124,14 +124,14 @@ def test_an_inpainting_model_sees_nothing_known_when_sampled_and_the_known_pixel
     model = DiffusionModel(net, LinearSchedule(100), VPrediction(), ["c"] * K)
     assert model.inpainting
     spec = SamplingSpec(DDIMSampler(3), guidance=0.0, palette=None, precision="32")  # float32: the network itself runs
-    generate(model, spec, torch.eye(K)[:2])
+    generate(spec.bind(model), torch.eye(K)[:2])
     assert all(torch.equal(c, nothing_known(torch.zeros(2, 3, 16, 16))) for c in net.seen) and len(net.seen) == 3
     net.seen.clear()
     source = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     fill = torch.stack([region("top", 16), region("left", 16)])[:, None]
     edit = Inpaint(source, fill)  # method auto: one pass for a model that sees the known pixels
     assert edit.for_model(True, 15).method == "replace" and edit.for_model(False, 15).method == "repaint"
-    out = generate(model, spec, torch.eye(K)[:2], edit=edit)
+    out = generate(spec.bind(model), torch.eye(K)[:2], edit=edit)
     assert len(net.seen) == 3 and all(torch.equal(c, known_pixels(source.float() / 127.5 - 1, fill)) for c in net.seen)
     assert torch.equal(out.pixels[~fill.expand_as(source)], source[~fill.expand_as(source)])
 

@@ -16,7 +16,7 @@ from difflab.metrics.features import ClassifierFeatures, InceptionUnavailable, i
 from difflab.metrics.scores import KernelDistance, SampleMetrics, nearest_train
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.samplers import DDIMSampler
-from difflab.sampling import SamplePlan, SamplingSpec
+from difflab.sampling import EvalPlan, SamplingSpec
 
 from support import compose_cfg
 
@@ -172,7 +172,7 @@ def test_inception_without_weights_offline_fails_fast_with_instructions(tmp_path
 
 
 def test_sample_plan_shares_are_disjoint_and_their_union_independent_of_world_size():
-    plan = SamplePlan(n=100, spec=SamplingSpec(DDIMSampler(2), seed=1, batch_size=16), num_classes=6, classes=range(6))
+    plan = EvalPlan(n=100, batch_size=16, num_classes=6, classes=range(6))
     for world in (1, 2, 3, 8):
         shares = [plan.chunks_for(r, world) for r in range(world)]
         flat = [c for s in shares for c in s if c >= 0]
@@ -191,10 +191,11 @@ def test_a_chunk_is_the_same_whoever_makes_it():
     torch.manual_seed(0)
     net = UNet(16, 3, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=6, norm_groups=4)
     model = DiffusionModel(net, LinearSchedule(50), EpsPrediction())
-    plan = SamplePlan(n=10, spec=SamplingSpec(DDIMSampler(steps=2), batch_size=4, palette=None), num_classes=6, classes=range(6))
-    a, la, ia = plan.generate_chunk(model, 2)
-    plan.generate_chunk(model, 0)  # another chunk in between changes nothing
-    b, lb, ib = plan.generate_chunk(model, 2)
+    plan = EvalPlan(n=10, batch_size=4, num_classes=6, classes=range(6))
+    bound = SamplingSpec(DDIMSampler(steps=2), batch_size=4, palette=None).bind(model)
+    a, la, ia = plan.generate_chunk(bound, 2)
+    plan.generate_chunk(bound, 0)  # another chunk in between changes nothing
+    b, lb, ib = plan.generate_chunk(bound, 2)
     assert torch.equal(a, b) and ia.tolist() == [8, 9] and la.tolist() == [2, 3] and a.dtype == torch.uint8
 
 

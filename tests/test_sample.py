@@ -139,7 +139,7 @@ def test_exported_checkpoint_is_the_ema_weights_in_float16(trained, tmp_path):
     assert model_b.net.training is False and next(model_b.net.parameters()).dtype == torch.float32
     ctx = torch.eye(6)[[0, 2, 4]]
     spec = SamplingSpec(DDIMSampler(steps=5), guidance=1.0, seed=1, precision="32")
-    a, b = (generate(m, spec, ctx).pixels for m in (model_a, model_b))
+    a, b = (generate(spec.bind(m), ctx).pixels for m in (model_a, model_b))
     assert torch.equal(a, b)
     fresh = load_model(trained).net
     check_compatible(fresh, net_state_dict(shipped), "init_from")  # what train.py does with init_from=
@@ -167,10 +167,13 @@ def test_missing_pretrained_model_says_how_to_restore_it(tmp_path, monkeypatch):
 
 def test_palette_auto_snaps_pixel_art_only(tmp_path):
     from difflab.model import DiffusionModel
+    from difflab.objectives import VPrediction
     from difflab.samplers import DDIMSampler
     from difflab.sampling import SamplingSpec
+    from difflab.schedules import LinearSchedule
 
-    sprites, cifar = (DiffusionModel(None, None, None, config={"data": compose_cfg([f"data={d}"], tmp_path).data}) for d in ("sprites", "cifar10"))
+    sprites, cifar = (DiffusionModel(None, LinearSchedule(10), VPrediction(), config={"data": compose_cfg([f"data={d}"], tmp_path).data})
+                      for d in ("sprites", "cifar10"))
     auto, raw, data = (SamplingSpec(DDIMSampler(2), palette=p) for p in ("auto", None, "data"))
     assert auto.palette_for(sprites) == "sprite" and auto.palette_for(cifar) is None
     assert raw.palette_for(sprites) is None and data.palette_for(cifar) == "data"

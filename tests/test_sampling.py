@@ -15,11 +15,13 @@ from difflab.model import DiffusionModel, build_model
 from difflab.nn.unet import UNet
 from difflab.objectives import EpsPrediction
 from difflab.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, HeunSampler, UniPCSampler
-from difflab.sampling import ImageNoise, SamplePlan, SamplingSpec, generate, image_seed, proportional_labels
+from difflab.sampling import EvalPlan, ImageNoise, SamplingSpec, generate, image_seed, proportional_labels
 from difflab.schedules import LinearSchedule
 from difflab.train import build_module
 
 from support import compose_cfg, reorder_tol
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny batches on a shared machine (conftest.py)
 
 K = 6
 CLASSES = ["hero", "non-hero", "food", "magic-item", "weapon", "side-facing"]
@@ -72,38 +74,53 @@ def test_image_i_depends_on_seed_and_index_not_batching(small, name) -> None:
     the rounding of batched kernels (the network sums in a batch-dependent order); other seeds give other images."""
     ctx = torch.eye(K)[torch.arange(8) % K]
     make = SAMPLERS[name][1]
-    a = generate(small, spec(make(), 2.0, seed=1, batch_size=3), ctx).images
-    b = generate(small, spec(make(), 2.0, seed=1, batch_size=8), ctx).images
-    c = generate(small, spec(make(), 2.0, seed=1, batch_size=2), ctx[5:], index=[5, 6, 7]).images
-    steps = len(make().timesteps(small.schedule.timesteps))
-    # per step: 8 layers of width <= 9 * 32, each guided eps amplifying differences by 1 + 2w = 5; steps compound
-    tol = steps * 5 * reorder_tol(b, layers=8, width=9 * 32)
+    a = generate(spec(make(), 2.0, seed=1, batch_size=3).bind(small), ctx).images
+    b = generate(spec(make(), 2.0, seed=1, batch_size=8).bind(small), ctx).images
+    c = generate(spec(make(), 2.0, seed=1, batch_size=2).bind(small), ctx[5:], index=[5, 6, 7]).images
+    calls = []  # the network calls of one image's chain (Heun: two per step but the last)
+    hook = small.net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        generate(spec(make(), 2.0, seed=1).bind(small), ctx[:1])
+    finally:
+        hook.remove()
+    # per call: 8 layers of width <= 9 * 32, each guided eps amplifying differences by 1 + 2w = 5; calls compound
+    tol = len(calls) * 5 * reorder_tol(b, layers=8, width=9 * 32)
     assert (a - b).abs().max() <= tol and (a[5:] - c).abs().max() <= tol
-    assert torch.equal(generate(small, spec(make(), 2.0, seed=1, batch_size=3), ctx).images, a)  # same batches: bitwise
-    other = generate(small, spec(make(), 2.0, seed=2, batch_size=3), ctx).images
+    assert torch.equal(generate(spec(make(), 2.0, seed=1, batch_size=3).bind(small), ctx).images, a)  # same batches: bitwise
+    other = generate(spec(make(), 2.0, seed=2, batch_size=3).bind(small), ctx).images
     assert (other - a).abs().amax(dim=(1, 2, 3)).min() > 0.1  # every image changes with the seed
 
 
 def test_record_every_chain_and_x0_frames(small) -> None:
     sampler = DDIMSampler(4, eta=0.0, clip_x0=False)
-    out = generate(small, spec(sampler, seed=7, batch_size=2), None, 3, record_every=1)
-    ts = sampler.timesteps(20)
-    assert out.chain_t == ts + [-1]
+    plan = spec(sampler, seed=7, batch_size=2).bind(small)
+    out = generate(plan, None, 3, record_every=1)
+    ts = [(k + 1) / 20 for k in (19, 14, 9, 4)]  # trailing steps k of T = 20 at t = (k + 1) / T
+    assert out.chain_t == ts + [0.0]  # 0.0: the clean image
     assert len(out.chain) == 5 and len(out.x0_chain) == 4  # x_T, then one x_t and one x_0 prediction per step
+    assert plan.init_scale == 1.0  # a VP schedule's x_T is the draw itself
     assert torch.equal(out.chain[0], ImageNoise(7, range(3)).randn((3, 8, 8)))  # x_T: each image's first draw
     assert torch.equal(out.chain[-1], out.images) and torch.equal(out.x0_chain[-1], out.images)  # DDIM's last step is x_0
-    every3 = generate(small, spec(sampler, seed=7, batch_size=2), None, 3, record_every=3)
-    assert every3.chain_t == [ts[0], ts[3], -1]
-    assert generate(small, spec(sampler, seed=7), None, 3).chain == []
+    every3 = generate(plan, None, 3, record_every=3)
+    assert every3.chain_t == [ts[0], ts[3], 0.0]
+    assert generate(spec(sampler, seed=7).bind(small), None, 3).chain == []
 
 
 def test_generate_restores_training_mode_and_keeps_float32_weights(small) -> None:
     net = small.net
-    net.train()
-    generate(small, spec(DDIMSampler(2), precision="bf16"), torch.eye(K)[:1])
-    assert net.training and next(net.parameters()).dtype == torch.float32
+    modes = []  # the mode the network samples in: eval (dropout off), whatever it was in before
+    for precision in ("bf16", "32"):
+        plan = spec(DDIMSampler(2), precision=precision).bind(small)
+        modes.clear()
+        hook = plan.model.net.register_forward_hook(lambda m, *_: modes.append(m.training))
+        net.train()
+        try:
+            generate(plan, torch.eye(K)[:1])
+        finally:
+            hook.remove()
+        assert modes == [False, False] and net.training and next(net.parameters()).dtype == torch.float32
     net.eval()
-    generate(small, spec(DDIMSampler(2)), torch.eye(K)[:1])
+    generate(spec(DDIMSampler(2)).bind(small), torch.eye(K)[:1])
     assert not net.training
 
 
@@ -117,21 +134,25 @@ def test_one_precision_policy(small, monkeypatch) -> None:
         spec(DDIMSampler(3), precision="fp8")
     assert small.for_inference(torch.float32) is small
     copy = small.for_inference(torch.bfloat16)
-    assert copy.net is not small.net and copy.dtype == torch.bfloat16 and copy.schedule.betas.dtype == torch.float32
+    # the schedule is not cast: its noise levels stay float64
+    assert copy.net is not small.net and copy.dtype == torch.bfloat16 and copy.schedule.betas.dtype == torch.float64
     ctx = torch.eye(K)[:4]
-    full = generate(small, spec(DDIMSampler(3)), ctx).images
-    half = generate(small, spec(DDIMSampler(3), precision="bf16"), ctx).images
+    full = generate(spec(DDIMSampler(3)).bind(small), ctx).images
+    half_plan = spec(DDIMSampler(3), precision="bf16").bind(small)
+    assert half_plan.model.dtype == torch.bfloat16 and spec(DDIMSampler(3)).bind(small).model is small
+    half = generate(half_plan, ctx).images
     # bf16 weights and activations (8 bits of mantissa): close to float32, not equal
     assert 0 < (full - half).abs().max() <= 0.1
 
 
 def test_plan_gives_the_same_images_on_any_number_of_ranks(small) -> None:
-    plan = SamplePlan(n=10, spec=spec(DDIMSampler(3), guidance=1.0, seed=4, batch_size=3), num_classes=K, classes=range(K))
-    one = {int(i): img for c in plan.chunks_for(0, 1) for img, i in zip(*plan.generate_chunk(small, c)[::2])}
+    bound = spec(DDIMSampler(3), guidance=1.0, seed=4, batch_size=3).bind(small)
+    plan = EvalPlan(n=10, batch_size=3, num_classes=K, classes=range(K))
+    one = {int(i): img for c in plan.chunks_for(0, 1) for img, i in zip(*plan.generate_chunk(bound, c)[::2])}
     two = {}
     for rank in range(2):
         for c in plan.chunks_for(rank, 2):
-            images, _, index = plan.generate_chunk(small, c)
+            images, _, index = plan.generate_chunk(bound, c)
             two.update({int(i): img for img, i in zip(images, index)})
     assert sorted(one) == sorted(two) == list(range(10))
     assert all(torch.equal(one[i], two[i]) for i in range(10))  # the same chunks: bitwise
@@ -230,8 +251,8 @@ def test_counter_noise_is_standard_normal_per_image_whatever_the_batch():
 def test_counter_noise_samples_do_not_depend_on_the_batch_size(tmp_path):
     model = build_model(to_container(compose_cfg(["model=unet_tiny", "timesteps=20"], tmp_path)))
     contexts = torch.eye(model.num_classes)[torch.arange(6) % model.num_classes]
-    out = {b: generate(model, SamplingSpec(DDIMSampler(3), noise="counter", batch_size=b, palette=None), contexts).images
+    out = {b: generate(SamplingSpec(DDIMSampler(3), noise="counter", batch_size=b, palette=None).bind(model), contexts).images
            for b in (6, 4)}
-    plain = generate(model, SamplingSpec(DDIMSampler(3), noise="generator", palette=None), contexts).images
+    plain = generate(SamplingSpec(DDIMSampler(3), noise="generator", palette=None).bind(model), contexts).images
     assert (out[6] - out[4]).abs().max() <= 3 * 5 * reorder_tol(out[6], layers=8, width=9 * 32)
     assert (out[6] - plain).abs().max() > 0.1  # other streams: other images

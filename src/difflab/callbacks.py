@@ -1,7 +1,7 @@
 """Callbacks that sample during training, from the EMA weights: grids (and the denoising chain) to disk and to
-the loggers, and sample quality (FD/KID/accuracy) to the logged metrics. Both sample the LightningModule's
-DiffusionModel with difflab.sampling.generate and a SamplingSpec (conf/sampling/), as sample.py and evaluate.py do,
-output stage included: a training-time val/fd is evaluate.py's at the same settings.
+the loggers, and sample quality (FD/KID/accuracy) to the logged metrics. Both bind a SamplingSpec (conf/sampling/) to the
+LightningModule's DiffusionModel and sample it with difflab.sampling.generate, as sample.py and evaluate.py do, output
+stage included: a training-time val/fd is evaluate.py's at the same settings.
 
 They run after the first validation batch, while the WeightAveraging callback has the EMA weights swapped in,
 whatever the order of the callbacks.
@@ -19,7 +19,7 @@ import torch
 from difflab.images import grid, save_gif, save_png
 from difflab.loggers import log_image
 from difflab.metrics.suite import MetricsConfig, MetricsContext
-from difflab.sampling import SamplingSpec, class_plan, generate
+from difflab.sampling import SamplingSpec, eval_plan, generate
 from difflab.scoring import score
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,8 @@ class SampleGrid(_ValidationSampler):
         k = model.num_classes
         contexts = class_contexts(k, self.per_class) if k else None
         nrow = self.per_class if k else 8
-        stage = self.spec.output_stage(model, trainer.datamodule.train_set.tensors[0])
-        out = generate(model, self.spec, contexts, None if k else self.n_uncond, record_every=self.chain_every if self.chain else 0,
-                       stage=stage)
+        plan = self.spec.bind(model, trainer.datamodule.train_set.tensors[0])
+        out = generate(plan, contexts, None if k else self.n_uncond, record_every=self.chain_every if self.chain else 0)
         tag = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}"
         folder = Path(trainer.default_root_dir) / "samples"
         image = grid(out.pixels, nrow)
@@ -113,13 +112,14 @@ class SampleQuality(_ValidationSampler):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        model = pl_module.model.for_inference(self.spec.dtype(pl_module.device))
+        model = pl_module.model
         k = model.num_classes
         if self.context is None:  # built on first use: the classifier and real features cost nothing until then
             identity = model.data or trainer.datamodule.identity()
             self.context = MetricsContext(self.metrics_cfg, trainer.datamodule, identity, conditional=k > 0, device=pl_module.device)
-        plan = class_plan(self.n, self.spec, model, model.config.get("data") or {}, trainer.datamodule)
-        values = score(model, plan, self.context, trainer.global_rank, trainer.world_size)
+        plan = self.spec.bind(model, trainer.datamodule.train_set.tensors[0])
+        samples = eval_plan(self.n, self.spec, model, model.config.get("data") or {}, trainer.datamodule)
+        values = score(plan, samples, self.context, trainer.global_rank, trainer.world_size)
         shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float) and "/" not in k}
         per_class = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in values.items() if k.startswith("cond_acc/"))
         log.info(f"epoch {trainer.current_epoch}: sample quality ({self.n} samples, EMA weights) {shown}"

@@ -37,6 +37,11 @@ class ConsistencyTuning(DiffusionModule):
         if taught != own:
             raise ConfigError(f"init_from {taught_by.source} predicts with {taught}, the consistency model would read its "
                               f"output as {own}: set objective.prediction._target_={taught}")
+        schedule, taught_schedule = model.config.get("schedule"), taught_by.config.get("schedule")
+        if schedule != taught_schedule:
+            name = str((taught_schedule or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+            raise ConfigError(f"init_from {taught_by.source} was trained on the schedule {taught_schedule}, this run has {schedule}: "
+                              f"tune on the teacher's schedule (schedule=... and timesteps=... as in that run; it is a {name})")
         # a plain attribute, not a submodule: never trained, averaged or saved (it moves with the module in on_fit_start)
         self.__dict__["teacher"] = taught_by.net.requires_grad_(False)
         # the slow copy of the network that makes the targets (target_ema > 0): a child, so checkpoints keep it and a

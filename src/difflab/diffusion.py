@@ -1,51 +1,59 @@
-"""The forward process and its posterior: pure tensor math on a NoiseSchedule (the loss: objectives/).
+"""The vocabulary every room shares: a noise level, and what a denoiser says about an image at one.
 
-Shapes: x_0, x_t, eps are (B, C, H, W); t is an integer tensor (B,) in [0, T-1].
+x_t = alpha_t x_0 + sigma_t eps with t in [0, 1]: t = 0 is the clean image (alpha = 1, sigma = 0), t = 1 the noisiest
+level a schedule has. A schedule (schedules.py) maps t to a Level; a sampler (samplers/) walks a decreasing grid of them;
+a model's denoiser (model.py: the network, guided, read by its objective) returns Denoised: its x_0 and eps at one.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor
 
-from difflab.schedules import NoiseSchedule, extract
 
-# eps_theta(x_t, t) -> eps, with any conditioning already bound
-Denoiser = Callable[[Tensor, Tensor], Tensor]
+@dataclass(frozen=True)
+class Level:
+    """One noise level, as plain floats (float64): the samplers' arithmetic takes them as constants, also in a traced
+    graph. ``net_t``: the network's time input there (a VP schedule's 0-based step index, fractional between steps)."""
 
+    t: float
+    alpha: float
+    sigma: float
+    net_t: float
 
-def _coef(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    # the float64 schedule's coefficient at t, rounded once to x's dtype (the samplers' math stays in float32)
-    return extract(values, t, x.ndim).to(x.dtype)
+    @property
+    def clean(self) -> bool:
+        return self.sigma == 0
 
+    @property
+    def lam(self) -> float:
+        # lambda = log(alpha / sigma), half the log-SNR (DPM-Solver's time); -inf at pure noise, inf at the clean image
+        if self.alpha == 0:
+            return -math.inf
+        return math.log(self.alpha) - math.log(self.sigma) if self.sigma > 0 else math.inf
 
-def q_sample(s: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    # x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
-    return extract(s.sqrt_alphas_cumprod, t, x0.ndim) * x0 + extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
-
-
-def predict_x0_from_eps(s: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-    # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t): the difference first, where both terms are O(1) (the form
-    # sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) eps cancels two terms of order 1/sqrt(ab_t) ~ 1e2 near t = T-1)
-    return (x_t - _coef(s.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _coef(s.sqrt_alphas_cumprod, t, x_t)
-
-
-def predict_eps_from_x0(s: NoiseSchedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-    # eps = (x_t - sqrt(ab_t) x_0) / sqrt(1 - ab_t)
-    return (x_t - _coef(s.sqrt_alphas_cumprod, t, x_t) * x0) / _coef(s.sqrt_one_minus_alphas_cumprod, t, x_t)
-
-
-def q_posterior(s: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-    # mu = beta_t sqrt(ab_{t-1}) / (1 - ab_t) x_0 + (1 - ab_{t-1}) sqrt(a_t) / (1 - ab_t) x_t
-    mean = _coef(s.posterior_mean_coef1, t, x_t) * x0 + _coef(s.posterior_mean_coef2, t, x_t) * x_t
-    var = extract(s.posterior_variance, t, x_t.ndim)
-    log_var = extract(s.posterior_log_variance_clipped, t, x_t.ndim)
-    return mean, var, log_var
+    @property
+    def edm_sigma(self) -> float:
+        # EDM's noise level sigma / alpha (Karras et al. 2022): x_t / alpha = x_0 + (sigma / alpha) eps
+        return self.sigma / self.alpha if self.alpha > 0 else math.inf
 
 
-def sample_timesteps(batch: int, timesteps: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    # t ~ Uniform{0, ..., T-1}
-    return torch.randint(0, timesteps, (batch,), device=device, generator=generator)
+@dataclass
+class Denoised:
+    """A denoiser's reading of x_t at a level: x_0 and eps with x_t = alpha x_0 + sigma eps, each computed from the
+    network's own output by its objective (objectives/)."""
+
+    x0: Tensor
+    eps: Tensor
+
+    def clipped(self, x: Tensor, level: Level) -> Denoised:
+        # x_0 clipped to the data range, eps the one consistent with it: eps = (x_t - alpha x_0) / sigma
+        x0 = self.x0.clamp(-1, 1)
+        return Denoised(x0, (x - level.alpha * x0) / level.sigma)
+
+
+# denoise(x_t, level) -> Denoised, with the conditioning, guidance and objective already bound (DiffusionModel.denoiser)
+Denoiser = Callable[[Tensor, Level], Denoised]

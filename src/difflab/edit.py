@@ -28,7 +28,7 @@ from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.masks import REGIONS, region
 from difflab.model import DiffusionModel, load_model
 from difflab.sample import LabelError, class_index, grid_row, pick_device
-from difflab.sampling import SamplingSpec, generate
+from difflab.sampling import SamplingPlan, SamplingSpec, generate
 from difflab.validate import integer
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,12 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     spec = SamplingSpec.from_config(cfg)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train").to(device)
-    model = model.for_inference(spec.dtype(device))
+    plan = spec.bind(model)
     mode = cfg.mode
     label = plain(cfg.label)
     folder = Path(cfg.paths.output_dir)
     if mode == "interpolate":
-        return _interpolate(cfg, model, spec, label, folder)
+        return _interpolate(cfg, plan, label, folder)
     n = integer("n", cfg.n, 1, " (results per source)")
     alpha = plain(cfg.alpha)
     source, own_label, described = read_image(cfg.image, model, alpha)
@@ -153,16 +153,16 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     if mode == "inpaint":
         mask_spec = plain(cfg.mask)
         fill = read_mask(mask_spec, model.image_shape[-1])
-        the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous()).for_model(model.inpainting, spec.steps_on(model))
+        the_edit = instantiate(cfg.edit, source=sources, fill=fill.expand(n, *fill.shape).contiguous()).for_model(model.inpainting, plan.steps)
         inputs = {"source": source, "fill": fill[0]}
         shown = [source, _shade(source, fill[0])]
     else:
         the_edit = instantiate(cfg.edit, source=sources)
         inputs, shown = {"source": source}, [source]
     contexts = torch.eye(model.num_classes)[[target] * n] if target is not None else None
-    record_every = max(1, spec.steps_on(model) // cfg.frames) if cfg.gif else 0
+    record_every = max(1, plan.steps // cfg.frames) if cfg.gif else 0
     start = time.perf_counter()
-    out = generate(model, spec, contexts, n, record_every=record_every, progress=True, edit=the_edit)
+    out = generate(plan, contexts, n, record_every=record_every, progress=True, edit=the_edit)
     seconds = time.perf_counter() - start
 
     row = len(shown) + n if n <= 14 else n
@@ -176,11 +176,12 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
                                 **{k: (v.permute(1, 2, 0) if v.ndim == 3 else v).numpy() for k, v in inputs.items()})
     if cfg.gif:
         files["chain"] = save_gif([grid(x, grid_row(n)) for x in out.chain], folder / "chain.gif")
-    return _finish(files, folder, model, spec, the_edit, {"image": str(cfg.image), "source": described,
+    return _finish(files, folder, plan, the_edit, {"image": str(cfg.image), "source": described,
                    "label": model.class_names[target] if target is not None else None, "n": n}, seconds, n, device)
 
 
-def _interpolate(cfg: DictConfig, model: DiffusionModel, spec: SamplingSpec, label: Any, folder: Path) -> dict[str, Path]:
+def _interpolate(cfg: DictConfig, plan: SamplingPlan, label: Any, folder: Path) -> dict[str, Path]:
+    model = plan.model
     frames = integer("frames", cfg.frames, 2, " (frames from one end to the other, both included)")
     seeds = plain(cfg.seeds)
     if not (isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) == 2):
@@ -203,7 +204,7 @@ def _interpolate(cfg: DictConfig, model: DiffusionModel, spec: SamplingSpec, lab
         contexts = ((1 - weights)[:, None] * ends[0] + weights[:, None] * ends[1]).float()
     the_edit = instantiate(cfg.edit, ends=[(seeds[0], 0), (seeds[1], 0)], weights=weights)
     start = time.perf_counter()
-    out = generate(model, spec, contexts, frames, edit=the_edit, progress=True)
+    out = generate(plan, contexts, frames, edit=the_edit, progress=True)
     seconds = time.perf_counter() - start
     change = (out.pixels[1:].float() - out.pixels[:-1].float()).abs().mean((1, 2, 3))
     files = {"strip": save_png(grid(out.pixels, frames), folder / "strip.png"),
@@ -213,7 +214,7 @@ def _interpolate(cfg: DictConfig, model: DiffusionModel, spec: SamplingSpec, lab
                                  labels=(contexts if contexts is not None else torch.zeros(frames, 0)).numpy().astype(np.float32),
                                  class_names=np.array(model.class_names, dtype=str), seeds=np.array(seeds))}
     print(f"frame-to-frame change: mean {change.mean():.2f}, largest {change.max():.2f} (mean |pixel difference|, 0-255)")
-    return _finish(files, folder, model, spec, the_edit, {"seeds": seeds, "labels": labels, "frames": frames,
+    return _finish(files, folder, plan, the_edit, {"seeds": seeds, "labels": labels, "frames": frames,
                    "change_mean": round(float(change.mean()), 3), "change_max": round(float(change.max()), 3)},
                    seconds, frames, model.device)
 
@@ -238,13 +239,13 @@ def _shade(image: Tensor, fill: Tensor) -> Tensor:
     return torch.where(fill, (image.float() + magenta) / 2, image.float()).round().to(torch.uint8)
 
 
-def _finish(files: dict[str, Path], folder: Path, model: DiffusionModel, spec: SamplingSpec, the_edit: Any,
-            inputs: dict[str, Any], seconds: float, n: int, device: Any) -> dict[str, Path]:
-    meta = {"checkpoint": str(model.source), **inputs, **the_edit.record(), "device": str(device), **spec.record(model),
+def _finish(files: dict[str, Path], folder: Path, plan: SamplingPlan, the_edit: Any, inputs: dict[str, Any], seconds: float,
+            n: int, device: Any) -> dict[str, Path]:
+    meta = {"checkpoint": str(plan.model.source), **inputs, **the_edit.record(), "device": str(device), **plan.record(),
             "seconds": round(seconds, 3)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     files["meta"] = folder / "meta.json"
-    print(f"\n{n} images in {seconds:.2f} s: {the_edit.record()['edit']} with {type(spec.sampler_for(model)).__name__}")
+    print(f"\n{n} images in {seconds:.2f} s: {the_edit.record()['edit']} with {type(plan.sampler).__name__}")
     for name, path in files.items():
         print(f"  {name:9s} {path}")
     return files

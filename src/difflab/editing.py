@@ -1,39 +1,33 @@
-"""Edits of existing images with any step-by-step sampler: inpainting (RePaint, or plain replacement), variations and
-class transfer (SDEdit) and interpolation (spherical, of the noise and of every step's noise).
+"""Edits of existing images with any sampler: inpainting (RePaint, or plain replacement), variations and class
+transfer (SDEdit) and interpolation (spherical, of the noise and of every step's noise).
 
-Each edit is handed to ``difflab.sampling.generate(..., edit=...)``, which runs it in place of the sampler's own loop
-with everything else of a sampling request unchanged: the model's denoiser and guidance, the precision, batching, the
-per-image noise streams of (seed, i) and the output stage. Sources are uint8 (N, C, H, W) as the data sets hold them.
-
-A walk goes along the sampler's timesteps ts = [t_0 > t_1 > ... > t_{S-1}] and then the clean image (t = -1), by
-position p in 0..S: down (p -> p+1) is one sampler step, up (p -> p-1) is forward noising (RePaint's jump back).
+Each edit is handed to ``difflab.sampling.generate(plan, ..., edit=...)``, which lets it start and walk each chunk with
+everything else of a sampling plan unchanged: the model's denoiser and guidance, the precision, batching, the per-image
+noise streams of (seed, i) and the output stage. Every edit runs the samplers' one loop (samplers.base.walk) on the
+plan's grid of noise levels [l_0 > l_1 > ... > l_S = the clean image], by position p in 0..S: down (p -> p+1) is one
+sampler step, up (p -> p-1) is forward noising (RePaint's jump back). Sources are uint8 (N, C, H, W) as the data sets
+hold them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from difflab.diffusion import Denoiser
+from difflab.diffusion import Denoiser, Level
 from difflab.errors import ConfigError
 from difflab.images import to_unit_range
 from difflab.masks import known_pixels
-from difflab.samplers.base import Noise, SampleOutput, Sampler, _progress, alpha_bar, at, noise_like
-from difflab.schedules import NoiseSchedule
+from difflab.samplers.base import Noise, SampleOutput, noise_like, noised, walk
 from difflab.validate import integer, number
 
+# a difflab.sampling.SamplingPlan (its sampler, levels, model and init_scale); the plan imports the edits, not the reverse
+SamplingPlan = Any
+
 INPAINT_METHODS = ("auto", "repaint", "replace")
-
-
-def step_by_step(sampler: Sampler) -> Sampler:
-    """The sampler, if it samples by ``step`` along ``timesteps`` (every sampler but Heun, which runs its own loop in
-    EDM's sigma space)."""
-    if type(sampler).step is Sampler.step:
-        raise ConfigError(f"sampler={sampler.name or type(sampler).__name__} runs its own loop and cannot edit images: "
-                          "use sampler=dpmpp (the default), ddim, unipc or ddpm")
-    return sampler
 
 
 def repaint_path(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
@@ -54,41 +48,6 @@ def repaint_path(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
     return path
 
 
-def walk(sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x: Tensor, noise: Noise | None, path: Sequence[int],
-         keep: Callable[[Tensor, int], Tensor] | None = None, record_every: int = 0, progress: bool = False) -> SampleOutput:
-    """x at position path[0] walked along ``path``; ``keep(x, t)`` puts the known pixels back after every step down."""
-    ts = [*sampler.timesteps(s.timesteps), -1]
-    sampler.reset()
-    out = SampleOutput(images=x)
-    if record_every:
-        out.chain.append(x.cpu()), out.chain_t.append(ts[path[0]])
-    x0 = x
-    moves = list(zip(path, path[1:]))
-    for i, (p, q) in enumerate(_progress(moves, progress, type(sampler).__name__)):
-        t, t_next = ts[p], ts[q]
-        if q == p + 1:
-            eps = denoise(x, at(t, x)).float()
-            x, x0 = sampler.step(s, eps, t, t_next, x, noise)
-            x = keep(x, t_next) if keep is not None else x
-        else:
-            # x_t' ~ q(x_t' | x_t) = N(sqrt(ab_t' / ab_t) x_t, (1 - ab_t' / ab_t) I), t' > t: noise added back
-            ratio = alpha_bar(s, t_next) / alpha_bar(s, t)
-            x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise_like(x, noise)
-            sampler.reset()  # a multistep solver's history belongs to the trajectory it left
-        if record_every and ((i + 1) % record_every == 0 or i == len(moves) - 1):
-            out.chain.append(x.cpu()), out.x0_chain.append(x0.cpu()), out.chain_t.append(t_next)
-    out.images = x
-    return out
-
-
-def noised(s: NoiseSchedule, x0: Tensor, t: int, z: Tensor) -> Tensor:
-    # x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) z; t = -1: x_0 itself
-    if t < 0:
-        return x0
-    ab = alpha_bar(s, t)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * z
-
-
 class Edit:
     """What ``generate`` asks of an edit. ``rows``: the slice of the batch being sampled (sources and masks per row)."""
 
@@ -96,8 +55,9 @@ class Edit:
         """The noise of images ``index``; ``streams(seed, index)``: the request's per-image streams."""
         return streams(seed, index)
 
-    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
-               record_every: int = 0, progress: bool = False) -> SampleOutput:
+    def sample(self, plan: SamplingPlan, denoise: Denoiser, z: Tensor, noise: Noise, rows: slice, record_every: int = 0,
+               progress: bool = False) -> SampleOutput:
+        """The chunk ``rows``, from its first draw z (standard normal), along the plan's levels."""
         raise NotImplementedError
 
     def finish(self, pixels: Tensor) -> Tensor:
@@ -155,20 +115,21 @@ class Inpaint(Edit):
     def known(self, rows: slice, device: torch.device) -> Tensor:
         return known_pixels(to_unit_range(self.source[rows]).to(device), self.fill[rows].to(device))
 
-    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
-               record_every: int = 0, progress: bool = False) -> SampleOutput:
-        x0 = to_unit_range(self.source[rows]).to(x_T.device)
-        fill = self.fill[rows].to(x_T.device)
+    def sample(self, plan: SamplingPlan, denoise: Denoiser, z: Tensor, noise: Noise, rows: slice, record_every: int = 0,
+               progress: bool = False) -> SampleOutput:
+        x0 = to_unit_range(self.source[rows]).to(z.device)
+        fill = self.fill[rows].to(z.device)
 
-        def keep(x: Tensor, t: int) -> Tensor:
+        def keep(x: Tensor, level: Level) -> Tensor:
             # x <- m x + (1 - m) x_t(source), m the pixels to fill: the kept ones at x's noise level
-            return torch.where(fill, x, noised(s, x0, t, noise_like(x, noise)))
+            return torch.where(fill, x, noised(x0, level, noise_like(x, noise)))
 
         if self.method == "auto":
             raise ValueError("Inpaint(method='auto'): resolve it with for_model first (generate does)")
-        ts = step_by_step(sampler).timesteps(s.timesteps)
-        path = repaint_path(len(ts), self.jump_length, self.jump_n_sample) if self.method == "repaint" else list(range(len(ts) + 1))
-        out = walk(sampler, denoise, s, keep(x_T, ts[0]), noise, path, keep, record_every, progress)
+        steps = plan.steps
+        path = repaint_path(steps, self.jump_length, self.jump_n_sample) if self.method == "repaint" else list(range(steps + 1))
+        out = walk(plan.sampler, denoise, plan.model.schedule, plan.levels, keep(plan.init_scale * z, plan.levels[0]), noise, path,
+                   keep, record_every, progress)
         out.images = torch.where(fill, out.images, x0)  # the kept pixels exactly (the last keep did it; also in bf16)
         return out
 
@@ -183,7 +144,7 @@ class Inpaint(Edit):
 class Vary(Edit):
     """SDEdit (Meng et al. 2022): the source noised to ``strength`` of the chain, then denoised with the requested label
     and guidance. The last round(strength x S) of the sampler's S steps run (at least one), from
-    x_t = sqrt(ab_t) source + sqrt(1 - ab_t) z at the first of them, z the image's x_T: strength 1 is nearly a fresh
+    x_t = alpha_t source + sigma_t z at the first of them, z the image's first draw: strength 1 is nearly a fresh
     sample from that noise, small strengths keep the source's shapes and colours. Same label: variations; another: class
     transfer."""
 
@@ -199,12 +160,12 @@ class Vary(Edit):
         """The position the walk starts from: S - round(strength S), at most S - 1."""
         return steps - max(1, round(self.strength * steps))
 
-    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
-               record_every: int = 0, progress: bool = False) -> SampleOutput:
-        ts = step_by_step(sampler).timesteps(s.timesteps)
-        first = self.start(len(ts))
-        x = noised(s, to_unit_range(self.source[rows]).to(x_T.device), ts[first], x_T)
-        return walk(sampler, denoise, s, x, noise, range(first, len(ts) + 1), None, record_every, progress)
+    def sample(self, plan: SamplingPlan, denoise: Denoiser, z: Tensor, noise: Noise, rows: slice, record_every: int = 0,
+               progress: bool = False) -> SampleOutput:
+        first = self.start(plan.steps)
+        x = noised(to_unit_range(self.source[rows]).to(z.device), plan.levels[first], z)
+        return walk(plan.sampler, denoise, plan.model.schedule, plan.levels, x, noise, range(first, plan.steps + 1), None,
+                    record_every, progress)
 
     def record(self) -> dict:
         return {"edit": "vary", "strength": self.strength}
@@ -253,9 +214,10 @@ class Interpolate(Edit):
         return SlerpNoise(streams(seed_a, [i_a] * len(index)), streams(seed_b, [i_b] * len(index)),
                           self.weights[torch.as_tensor(list(index))])
 
-    def sample(self, sampler: Sampler, denoise: Denoiser, s: NoiseSchedule, x_T: Tensor, noise: Noise, rows: slice,
-               record_every: int = 0, progress: bool = False) -> SampleOutput:
-        return sampler.sample(denoise, s, x_T, noise, record_every, progress)
+    def sample(self, plan: SamplingPlan, denoise: Denoiser, z: Tensor, noise: Noise, rows: slice, record_every: int = 0,
+               progress: bool = False) -> SampleOutput:
+        return walk(plan.sampler, denoise, plan.model.schedule, plan.levels, plan.init_scale * z, noise,
+                    record_every=record_every, progress=progress)
 
     def record(self) -> dict:
         return {"edit": "interpolate", "ends": [list(e) for e in self.ends], "weights": [round(float(w), 6) for w in self.weights]}

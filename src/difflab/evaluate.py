@@ -25,7 +25,7 @@ from difflab.loggers import quiet_duplicate_logs, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.model import DiffusionModel, load_model
 from difflab.results import find_reusable, run_key, score_row, sweep_dir, write_result
-from difflab.sampling import SamplingSpec, class_plan
+from difflab.sampling import SamplingSpec, eval_plan
 from difflab.scoring import ScoringModule, save_scores
 from difflab.validate import check_trainer_config, integer
 
@@ -55,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train")
     data_cfg = to_container(cfg.data) if cfg.get("data") else dict(model.config["data"])
     out_dir = Path(cfg.paths.output_dir)
-    sampling = {k: v for k, v in spec.record(model).items() if k != "steps_requested"}  # what runs, not what was typed
+    sampling = {k: v for k, v in spec.bind(model).record().items() if k != "steps_requested"}  # what runs, not what was typed
     key = run_key({"ckpt": str(model.source.resolve()), "mtime": model.source.stat().st_mtime, "ema": cfg.ema, "n": cfg.n,
                    "sampling": sampling, "metrics": to_container(cfg.metrics), "data": data_cfg})
 
@@ -69,27 +69,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("test")
     if model.class_names and list(datamodule.class_names) != model.class_names:
         raise CheckpointError(f"the checkpoint's classes {model.class_names} differ from the data set's {list(datamodule.class_names)}")
-    plan = class_plan(cfg.n, spec, model, data_cfg, datamodule)
+    samples = eval_plan(cfg.n, spec, model, data_cfg, datamodule)
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(model, cfg, datamodule), conditional=model.num_classes > 0)
 
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[], enable_checkpointing=False)
-    module = ScoringModule(model, plan, context)
+    module = ScoringModule(model, spec, samples, context, datamodule.train_set.tensors[0])
     trainer.test(module, verbose=False)
     if not trainer.is_global_zero:
         return module.results
     values = module.results
-    row = {**score_row(spec, module.model, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size,
+    row = {**score_row(module.plan, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size,
                      context.scorer), "ema": cfg.ema,
            "run_key": key, "reused_from": None}
     reference = None
     if cfg.get("reference", True):
         reference = {k: v for k, v in context.reference(spec.seed).items() if not k.startswith("_")}
-    if module.samples:
-        save_png(grid(torch.from_numpy(module.samples["images"][:64]).permute(0, 3, 1, 2), 8), out_dir / "samples.png")
+    if module.made:
+        save_png(grid(torch.from_numpy(module.made["images"][:64]).permute(0, 3, 1, 2), 8), out_dir / "samples.png")
         if cfg.get("save_samples", True):
-            save_npz(out_dir / "samples.npz", **module.samples, class_names=np.array(model.class_names, dtype=str))
+            save_npz(out_dir / "samples.npz", **module.made, class_names=np.array(model.class_names, dtype=str))
     if "_distance" in values:
         np.savez(out_dir / "nearest_train.npz", distance=values["_distance"].numpy(), nearest=values["_nearest"].numpy())
     save_scores(out_dir / "scores.npz", values, context)

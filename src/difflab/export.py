@@ -5,7 +5,7 @@ sample.py, evaluate.py and init_from= read, at a quarter of a training checkpoin
 was made this way (data/pretrained/MODEL_CARD.md).
 
 onnx: <out>.onnx, a sprite generator that runs without PyTorch (noise and class indices in, images out: the whole
-sampling loop of the chosen sampler unrolled, difflab.generator), and <out>.json, what a caller needs around it: class
+sampling loop of the chosen sampler, any of conf/sampler/, unrolled, difflab.generator), and <out>.json, what a caller needs around it: class
 names, image shape, noise draws per image, the sampling record and the output stage (examples/onnx_sprites.py).
 --inpaint: the graph also takes a source sprite and a mask and fills the masked pixels, keeping the others (one pass
 for a model tuned for inpainting, RePaint for another; difflab.editing.Inpaint).
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> Path:
     return onnx_path
 
 
-def sampling_spec(sampler: str, steps: int | None, guidance: float | None, precision: str = "32") -> Any:
-    """The SamplingSpec sample.py builds from sampler=<name> steps=N guidance=W precision=P (32: the graph's)."""
+def sampling_spec(sampler: str, steps: int | None, guidance: float | None, precision: str = "32", palette: str = "auto") -> Any:
+    """The SamplingSpec sample.py builds from sampler=<name> steps=N guidance=W precision=P (32: the graph's) palette=..."""
     from hydra import compose, initialize_config_dir
 
     from difflab.sampling import SamplingSpec
@@ -66,7 +66,7 @@ def sampling_spec(sampler: str, steps: int | None, guidance: float | None, preci
     names = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "sampler").glob("*.yaml"))
     if sampler not in names:
         raise ConfigError(f"--sampler {sampler}: choose one of {', '.join(names)}")
-    overrides = [f"sampler={sampler}", f"precision={precision}"] + ([f"steps={steps}"] if steps is not None else []) + \
+    overrides = [f"sampler={sampler}", f"precision={precision}", f"palette={palette}"] + ([f"steps={steps}"] if steps is not None else []) + \
         ([f"guidance={guidance}"] if guidance is not None else [])
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return SamplingSpec.from_config(compose("sample", overrides))
@@ -95,7 +95,7 @@ def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None =
     distilled = model.objective.distilled_guidance
     spec = sampling_spec(sampler, steps, distilled if guidance is None and distilled is not None else guidance)
     generator = SpriteGenerator(model, spec, inpaint).eval()
-    record = spec.record(model)  # also checks the sampler against the model
+    record = generator.plan.record()
     palette = spec.palette_for(model)  # auto: sprite for pixel art, else none
     c, h, w = model.image_shape
     conditional = model.num_classes > 0

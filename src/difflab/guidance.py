@@ -2,8 +2,9 @@
 
 out = out_c + w (out_c - out_u): w = 0 is the plain conditional model, diffusers' guidance_scale = 1 + w. out_u is the
 network with its learned null context, the one context dropout (p_uncond) trains. The combination is affine, so on
-eps, x_0 or v outputs it is the same guidance; CFG rescale, which compares standard deviations, acts on the network's own
-output (as diffusers' rescale_noise_cfg on a v model's). The objective turns the guided output into eps (difflab.model).
+eps, x_0, v or velocity outputs it is the same guidance; CFG rescale, which compares standard deviations, acts on the
+network's own output (as diffusers' rescale_noise_cfg on a v model's). The objective reads the guided output
+(Objective.denoiser).
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from difflab.diffusion import Denoiser
+from difflab.diffusion import Level
 from difflab.errors import ConfigError
-from difflab.schedules import NoiseSchedule, sigma_to_t
 from difflab.validate import number
 
 
@@ -38,13 +38,19 @@ class Guidance:
         if self.interval is not None:
             object.__setattr__(self, "interval", _interval(self.interval))
 
-    def output(self, net: nn.Module, context: Tensor | None, schedule: NoiseSchedule, cond: Tensor | None = None) -> Denoiser:
-        """The network's guided output at (x_t, t), context (and a network's image conditioning ``cond``) bound (not
-        yet eps: see Objective.eps_denoiser)."""
-        t_interval = None
-        if self.interval is not None:  # sigma -> (fractional) t on this schedule
-            t_interval = (float(sigma_to_t(schedule, max(self.interval[0], 1e-12))), float(sigma_to_t(schedule, self.interval[1])))
-        return guided_output(net, context, self.scale, t_interval, self.rescale, cond)
+    def active(self, level: Level) -> bool:
+        """Whether this level is guided: EDM's noise level sigma / alpha inside the interval (or no interval)."""
+        return self.interval is None or self.interval[0] <= level.edm_sigma <= self.interval[1]
+
+    def output(self, net: nn.Module, context: Tensor | None, cond: Tensor | None = None) -> Callable[[Tensor, Level], Tensor]:
+        """output(network input, level): the network's guided output there, context (and a network's image conditioning
+        ``cond``) bound; its time input the level's."""
+        guided = guided_output(net, context, self.scale, self.rescale, cond)
+
+        def output(x: Tensor, level: Level) -> Tensor:
+            return guided(x, torch.full((x.shape[0],), level.net_t, device=x.device), self.active(level))
+
+        return output
 
 
 def _interval(value: Any) -> tuple[float, float]:
@@ -56,12 +62,12 @@ def _interval(value: Any) -> tuple[float, float]:
     return float(lo_hi[0]), float(lo_hi[1])
 
 
-def guided_output(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0,
-                  interval: tuple[float, float] | None = None, rescale: float = 0.0, cond: Tensor | None = None) -> Denoiser:
-    """context (B, K) or None (unconditional). Both branches share one batched forward when w != 0; ``cond`` (B, C', H, W):
-    the images a network with cond_channels takes beside x_t, the same in both branches.
+def guided_output(net: nn.Module, context: Tensor | None = None, guidance: float = 0.0, rescale: float = 0.0,
+                  cond: Tensor | None = None) -> Callable[..., Tensor]:
+    """output(x, t, guide=True): context (B, K) or None (unconditional). Both branches share one batched forward when
+    w != 0 and ``guide``; else the plain conditional output (one forward). ``cond`` (B, C', H, W): the images a network
+    with cond_channels takes beside x_t, the same in both branches.
 
-    interval (t_lo, t_hi): guide only at lo <= t <= hi, elsewhere the plain conditional output (one forward).
     rescale phi: CFG rescale (Lin et al. 2024, eq. 15-16, as diffusers' rescale_noise_cfg),
     out <- phi out_cfg std(out_c) / std(out_cfg) + (1 - phi) out_cfg.
 
@@ -76,10 +82,10 @@ def guided_output(net: nn.Module, context: Tensor | None = None, guidance: float
         with torch.autocast(x.device.type, enabled=False):  # the weights' dtype decides, also inside a bf16-mixed trainer
             return net(x.to(dtype), t, ctx, keep, **images).float()
 
-    def output(x: Tensor, t: Tensor) -> Tensor:
+    def output(x: Tensor, t: Tensor, guide: bool = True) -> Tensor:
         if context is None:
             return call(x, t, None, None, cond)
-        if guidance == 0 or (interval is not None and not interval[0] <= float(t[0]) <= interval[1]):
+        if guidance == 0 or not guide:
             return call(x, t, context, None, cond)
         b = x.shape[0]
         keep = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device), torch.zeros(b, dtype=torch.bool, device=x.device)])

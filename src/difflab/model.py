@@ -2,8 +2,8 @@
 
 Built once: by ``load_model`` from a checkpoint (sample.py, evaluate.py, your code), or by ``build_model`` from a
 run config (train.py, whose LightningModule trains it and hands it to the training-time callbacks). Samplers see it
-only through ``denoiser``: eps_theta(x_t, t) with the context bound, guided, and converted from whatever the
-network predicts by the objective it was trained with, so a network can never be sampled with another objective.
+only through ``denoiser``: denoise(x_t, level) -> its x_0 and eps, with the context bound, guided, and read from whatever
+the network predicts by the objective it was trained with, so a network can never be sampled with another objective.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
 from difflab.config import PROJECT_ROOT
-from difflab.diffusion import Denoiser
+from difflab.diffusion import Denoiser, Level
 from difflab.errors import ConfigError
 from difflab.guidance import Guidance
 from difflab.masks import nothing_known
-from difflab.objectives import EpsPrediction, Objective
+from difflab.objectives import Objective
 from difflab.schedules import NoiseSchedule
 
 
@@ -34,6 +34,7 @@ class DiffusionModel:
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, objective: Objective, class_names: Sequence[str] = (),
                  config: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None, source: Path | None = None) -> None:
+        objective.check(schedule)
         self.net, self.schedule, self.objective = net, schedule, objective
         self.class_names = list(class_names)
         self.config = dict(config or {})
@@ -61,7 +62,7 @@ class DiffusionModel:
 
     @property
     def device(self) -> torch.device:
-        return self.schedule.betas.device
+        return next(self.net.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +76,7 @@ class DiffusionModel:
 
     def for_inference(self, dtype: torch.dtype) -> DiffusionModel:
         """This model with its network in ``dtype``: itself when nothing changes, else a model around a copy of the
-        network (a training network keeps its float32 weights; the schedule stays float32)."""
+        network (a training network keeps its float32 weights; the schedule keeps its float64 terms)."""
         if self.dtype == dtype:
             return self
         twin = copy.copy(self)
@@ -83,24 +84,19 @@ class DiffusionModel:
         return twin
 
     def denoiser(self, context: Tensor | None = None, guidance: Guidance | None = None, known: Tensor | None = None) -> Denoiser:
-        """eps_theta(x_t, t) for a batch with contexts (B, K) (None: unconditional), guided as ``guidance`` says (None:
-        the plain conditional network). ``known``: an inpainting model's input beside x_t (difflab.masks.known_pixels);
-        None: nothing known, plain sampling."""
+        """denoise(x_t, level) -> Denoised (x_0 and eps) for a batch with contexts (B, K) (None: unconditional), the
+        network guided as ``guidance`` says (None: the plain conditional network; a consistency model's guidance is in its
+        weights: SamplingSpec.bind gives it none). ``known``: an inpainting model's input beside x_t
+        (difflab.masks.known_pixels); None: nothing known, plain sampling."""
         guidance = guidance or Guidance()
-        distilled = self.objective.distilled_guidance
-        if distilled is not None:  # a consistency model: the guidance is in its weights, one plain network call
-            if (guidance.scale, guidance.interval, guidance.rescale) != (distilled, None, 0.0):
-                raise ConfigError(f"{self.source or 'this model'} has guidance {distilled:g} distilled in: sample it with "
-                                  f"guidance={distilled:g} and no guidance_interval or guidance_rescale, or sample the model it was tuned from")
-            guidance = Guidance()
         if known is not None and not self.inpainting:
             raise ConfigError(f"{self.source or 'this model'} was not tuned for inpainting and takes no known pixels")
         if self.inpainting and known is None:
-            def output(x: Tensor, t: Tensor) -> Tensor:  # every pixel to draw: the batch's size is known only here
-                return guidance.output(self.net, context, self.schedule, nothing_known(x))(x, t)
+            def output(x: Tensor, level: Level) -> Tensor:  # every pixel to draw: the batch's size is known only here
+                return guidance.output(self.net, context, nothing_known(x))(x, level)
         else:
-            output = guidance.output(self.net, context, self.schedule, known)
-        return self.objective.eps_denoiser(output, self.schedule)
+            output = guidance.output(self.net, context, known)
+        return self.objective.denoiser(output)
 
     @property
     def pixel_art(self) -> bool:
@@ -120,9 +116,11 @@ class DiffusionModel:
 def build_model(config: Mapping[str, Any], class_names: Sequence[str] | None = None, data: Mapping[str, Any] | None = None,
                 source: Path | None = None) -> DiffusionModel:
     """A model with fresh weights from a run config: its model (the network), schedule and objective nodes."""
+    if not config.get("objective"):
+        raise ConfigError("the run config names no objective: add objective=<eps|x0|v|v_min_snr|edm|flow|...> (conf/objective/)")
     net = instantiate(config["model"])
     schedule = instantiate(config["schedule"])
-    objective = instantiate(config["objective"]) if config.get("objective") else EpsPrediction()
+    objective = instantiate(config["objective"])
     if class_names is None:
         class_names = list((config.get("data") or {}).get("class_names") or [])
     return DiffusionModel(net, schedule, objective, class_names, config, data, source)

@@ -141,14 +141,14 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x0, context, noise, u = batch
         x0, noise = self._prepare(x0), self._prepare(noise)
-        T = self.schedule.timesteps
-        # fixed u in [0, 1) -> t = floor(u T): the same noise and timesteps every epoch and run
-        t = (u * T).long().clamp(max=T - 1)
+        # fixed u in [0, 1) -> t, increasing in u (a T-step schedule: step floor(u T)): the same noise and levels every
+        # epoch and run
+        t = self.schedule.from_unit(u)
         # an inpainting model: the same masks every epoch and run, as the noise
         images = self.known_pixels(x0, torch.Generator().manual_seed(batch_idx))
         loss = self.model.objective.loss(self.net, self.schedule, x0, t, noise, context=context if self.conditional else None, **images)
         self.val_loss.update(loss)
-        quartile = (t * 4) // T
+        quartile = (u * 4).long().clamp(max=3)
         for q, metric in enumerate(self.val_loss_quartile):
             metric.update(loss, weight=(quartile == q).float())
         self.log("val/loss", self.val_loss, prog_bar=True, batch_size=x0.shape[0])

@@ -17,19 +17,20 @@ from omegaconf import DictConfig
 from difflab.config import to_container
 from difflab.loggers import finish_wandb
 from difflab.metrics.summary import fmt, write_summary
-from difflab.model import DiffusionModel
-from difflab.sampling import SamplingSpec
+from difflab.sampling import SamplingPlan
 
 RESULT_METRICS = ("fd", "kid", "kid_std", "cond_acc", "cond_acc_weighted", "colors_median", "top16_share", "top16_share_min", "memorized")
 
 
-def score_row(spec: SamplingSpec, model: DiffusionModel, n: int, feature: str, values: Mapping[str, Any], seconds: float,
-              world_size: int = 1, scorer: str | None = None) -> dict[str, Any]:
-    """One row of scores: the sampling request, the model's schedule, the figures (no per-sample arrays), the time;
-    ``scorer``: the scoring networks' identity (MetricsContext.scorer)."""
+def score_row(plan: SamplingPlan, n: int, feature: str, values: Mapping[str, Any], seconds: float, world_size: int = 1,
+              scorer: str | None = None) -> dict[str, Any]:
+    """One row of scores: the sampling plan, the model's schedule and objective, the figures (no per-sample arrays), the
+    time; ``scorer``: the scoring networks' identity (MetricsContext.scorer)."""
+    model = plan.model
     return {
-        **spec.row(model), "n": n, "feature": feature, "scorer": scorer, "ckpt": str(model.source),
+        **plan.row(), "n": n, "feature": feature, "scorer": scorer, "ckpt": str(model.source),
         "schedule": type(model.schedule).__name__.removesuffix("Schedule").lower(), "timesteps": model.schedule.timesteps,
+        "objective": type(model.objective).__name__,
         **{k: v for k, v in values.items() if not k.startswith("_")},
         "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2), "world_size": world_size,
     }

@@ -116,21 +116,20 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     spec = SamplingSpec.from_config(cfg)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train").to(device)
-    model = model.for_inference(spec.dtype(device))
+    plan = spec.bind(model)  # palette=data: the model's training images, read before sampling
     class_names = model.class_names if model.num_classes else []
     if not model.num_classes and (cfg.label is not None or cfg.context is not None):
         raise LabelError(f"{model.source} is an unconditional model: drop label=/context=")
     label, context = plain(cfg.label), plain(cfg.context)
     contexts, nrow, captions = build_contexts(label, context, cfg.n, class_names)
 
-    record = spec.record(model)
-    stage = spec.output_stage(model)  # palette=data: the model's training images, read before sampling
-    n_steps, sampler_name = record["steps"], type(spec.sampler_for(model)).__name__
+    record = plan.record()
+    n_steps, sampler_name = plan.steps, type(plan.sampler).__name__
     record_every = max(1, n_steps // cfg.frames) if cfg.gif else 0
     n_total = contexts.shape[0] if contexts is not None else cfg.n
     log.info(f"sampling {n_total} images with {sampler_name} ({n_steps} steps) from {model.source} on {device}")
     start = time.perf_counter()
-    out = generate(model, spec, contexts, n_total, record_every=record_every, progress=True, stage=stage)
+    out = generate(plan, contexts, n_total, record_every=record_every, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Scoring a model's samples: ``score`` (a rank's chunks of a SamplePlan, sampled and scored; the metric states are
+"""Scoring a model's samples: ``score`` (a rank's chunks of an EvalPlan, sampled and scored; the metric states are
 gathered across ranks), the ScoringModule that runs it as a Lightning test run on every rank (evaluate.py), and
 FinalEval, the quality of a training run's final EMA weights (train.py). results.py writes what they find."""
 
@@ -19,19 +19,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from difflab.errors import DifflabError
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.model import DiffusionModel, load_model
-from difflab.sampling import SamplePlan, SamplingSpec, class_plan
+from difflab.sampling import EvalPlan, SamplingPlan, SamplingSpec, eval_plan
 from difflab.validate import integer
 
 log = logging.getLogger(__name__)
 
 
-def score(model: DiffusionModel, plan: SamplePlan, context: MetricsContext, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """This rank's chunks of ``plan`` sampled and scored; with world > 1 every rank must call it (the states are gathered).
-    world = 1 scores alone, also inside a distributed run (the final scores, on rank 0 after training)."""
-    metrics = context.new_metrics(rank, world, plan.spec.seed, sync=world > 1)
-    for chunk in plan.chunks_for(rank, world):
+def score(plan: SamplingPlan, samples: EvalPlan, context: MetricsContext, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """This rank's chunks of ``samples``, made as ``plan`` says, scored; with world > 1 every rank must call it (the
+    states are gathered). world = 1 scores alone, also inside a distributed run (the final scores, on rank 0 after
+    training)."""
+    metrics = context.new_metrics(rank, world, plan.seed, sync=world > 1)
+    for chunk in samples.chunks_for(rank, world):
         if chunk >= 0:
-            metrics.update(*plan.generate_chunk(model, chunk))
+            metrics.update(*samples.generate_chunk(plan, chunk))
     return metrics.compute()
 
 
@@ -64,33 +65,38 @@ class _Chunks(DistributedSampler):
 
 
 class ScoringModule(L.LightningModule):
-    def __init__(self, model: DiffusionModel, plan: SamplePlan, context: MetricsContext) -> None:
+    """evaluate.py's test run: every rank binds ``spec`` to the model on its own device and makes and scores its chunks
+    of ``samples``. ``data_images``: the training images (palette=data takes their colours)."""
+
+    def __init__(self, model: DiffusionModel, spec: SamplingSpec, samples: EvalPlan, context: MetricsContext,
+                 data_images: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.model, self.plan, self.context = model, plan, context
+        self.model, self.spec, self.samples, self.context, self.data_images = model, spec, samples, context, data_images
         self.net, self.schedule = model.net, model.schedule  # children: Lightning moves them to this rank's device
+        self.plan: SamplingPlan | None = None
         self.results: dict[str, Any] = {}
         self.parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # this rank's (images, labels, index)
-        self.samples: dict[str, np.ndarray] = {}  # all ranks' samples in index order, on rank 0
+        self.made: dict[str, np.ndarray] = {}  # all ranks' samples in index order, on rank 0
         self.seconds = 0.0
 
     def test_dataloader(self) -> DataLoader:
-        chunks = self.plan.chunks_for(self.global_rank, self.trainer.world_size)
+        chunks = self.samples.chunks_for(self.global_rank, self.trainer.world_size)
         return DataLoader(chunks, batch_size=None, sampler=_Chunks(chunks))
 
     def on_test_start(self) -> None:
-        self.model = self.model.for_inference(self.plan.spec.dtype(self.device))
+        self.plan = self.spec.bind(self.model, self.data_images)
         self.context.feature_net.to(self.device)
         if self.context.classifier is not None:
             self.context.classifier.to(self.device)
         self.context.device = self.device
-        self.metrics = self.context.new_metrics(self.global_rank, self.trainer.world_size, self.plan.spec.seed)
+        self.metrics = self.context.new_metrics(self.global_rank, self.trainer.world_size, self.plan.seed)
         self.start = time.perf_counter()
 
     def test_step(self, chunk: Any, batch_idx: int) -> None:
         chunk = int(chunk)
         if chunk < 0:
             return
-        images, labels, index = self.plan.generate_chunk(self.model, chunk)
+        images, labels, index = self.samples.generate_chunk(self.plan, chunk)
         self.metrics.update(images, labels, index)
         self.parts.append((images.cpu(), labels.cpu() if labels is not None else None, index.cpu()))
 
@@ -106,19 +112,19 @@ class ScoringModule(L.LightningModule):
             index = torch.cat([p[2] for p in parts])
             order = index.argsort()
             labels = [p[1] for p in parts if p[1] is not None]
-            self.samples = {"images": torch.cat([p[0] for p in parts])[order].permute(0, 2, 3, 1).numpy(),  # (N, H, W, C)
+            self.made = {"images": torch.cat([p[0] for p in parts])[order].permute(0, 2, 3, 1).numpy(),  # (N, H, W, C)
                             "index": index[order].numpy()}
             if labels:
                 # one-hot contexts (N, K) float32, as sample.py and the data set files
-                self.samples["labels"] = torch.nn.functional.one_hot(torch.cat(labels)[order], self.plan.num_classes).float().numpy()
+                self.made["labels"] = torch.nn.functional.one_hot(torch.cat(labels)[order], self.samples.num_classes).float().numpy()
 
 
 @dataclass
 class Scored:
-    """What FinalEval found: the model it scored, the figures, the per-sample arrays ("_features", "_labels", ...) and
-    the metrics context (its real features)."""
+    """What FinalEval found: the plan it sampled (the model in it), the figures, the per-sample arrays ("_features",
+    "_labels", ...) and the metrics context (its real features)."""
 
-    model: DiffusionModel
+    plan: SamplingPlan
     values: dict[str, Any]
     samples: dict[str, Any]
     context: MetricsContext
@@ -140,16 +146,16 @@ class FinalEval:
         the run itself has ended well either way."""
         start = time.perf_counter()
         model = load_model(ckpt).to(device)
-        model = model.for_inference(self.spec.dtype(device))
         try:
             context = MetricsContext(self.metrics_cfg, datamodule, model.data or datamodule.identity(), conditional=model.num_classes > 0,
                                      device=device)
         except DifflabError as err:
             log.warning(f"final_eval skipped: {err}")
             return None
-        values = score(model, class_plan(self.n, self.spec, model, model.config.get("data") or {}, datamodule), context)
+        plan = self.spec.bind(model, datamodule.train_set.tensors[0])
+        values = score(plan, eval_plan(self.n, self.spec, model, model.config.get("data") or {}, datamodule), context)
         seconds = time.perf_counter() - start
         figures = {k: v for k, v in values.items() if not k.startswith("_")}
         log.info(f"final quality ({self.n} samples, EMA weights, {seconds:.0f} s): "
                  + ", ".join(f"{k} {v:.4g}" for k, v in figures.items() if "/" not in k))
-        return Scored(model, figures, {k: v for k, v in values.items() if k.startswith("_")}, context, seconds)
+        return Scored(plan, figures, {k: v for k, v in values.items() if k.startswith("_")}, context, seconds)

@@ -201,7 +201,7 @@ def finish(final_eval: FinalEval | None, trainer: L.Trainer, datamodule: Any, cl
     scored = final_eval(checkpoint_dir(trainer) / "last.ckpt", datamodule, trainer.strategy.root_device) if final_eval else None
     row = None
     if scored is not None:
-        row = score_row(final_eval.spec, scored.model, final_eval.n, final_eval.metrics_cfg.feature, scored.values, scored.seconds,
+        row = score_row(scored.plan, final_eval.n, final_eval.metrics_cfg.feature, scored.values, scored.seconds,
                         scorer=scored.context.scorer)
         save_scores(out / "scores.npz", scored.samples, scored.context)
     write_final(out, training, row, scored.values if scored else {}, cfg, loggers)

@@ -2,8 +2,8 @@
 each sampler and edit, four images each, precision 32, per-image generator noise (seed 0). tests/test_shipped_samples.py
 holds today's code to them within the float32 chain bound (difflab.tolerance.chain_tol).
 
-The committed file was made at commit cc9b77a (the discrete-time core), on an AMD EPYC with AVX-512-BF16:
-    python tests/data/shipped_samples.py
+The committed file was made at commit 12a62fd, by the discrete-time core that came before the continuous schedules, on an
+AMD EPYC with AVX-512-BF16 (python tests/data/shipped_samples.py): it is the reference, not a snapshot of today's code.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 
 from difflab.editing import Inpaint, Interpolate, Vary
 from difflab.export import sampling_spec
 from difflab.masks import region
 from difflab.model import load_model
-from difflab.sampling import generate
+from difflab.sampling import SamplingPlan, generate
 
 LABELS = [0, 2, 3, 5]  # hero, food, magic-item, side-facing
 CASES = {  # name: (checkpoint, sampler, steps, edit)
@@ -36,28 +37,33 @@ CASES = {  # name: (checkpoint, sampler, steps, edit)
 
 def sources() -> torch.Tensor:
     """Four held-out sprites of the shipped data set (the deterministic split's first images of LABELS' classes)."""
-    model = load_model("pretrained")
-    datamodule = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(model.config["data"])
+    datamodule = instantiate(load_model("pretrained").config["data"])
     datamodule.setup("fit")
     images, contexts = datamodule.val_set.tensors[:2]
     return torch.stack([images[int((contexts.argmax(1) == c).nonzero()[0])] for c in LABELS])
 
 
+def plan_of(name: str) -> SamplingPlan:
+    ckpt, sampler, steps, _ = CASES[name]
+    return sampling_spec(sampler, steps, 2.0).bind(load_model(ckpt))
+
+
+def make(name: str, plan: SamplingPlan, src: torch.Tensor) -> torch.Tensor:
+    """Case ``name``'s raw images (4, C, H, W), sampled with ``plan``."""
+    edit = CASES[name][3]
+    top = region("top", 16)[None, None].expand(len(LABELS), 1, 16, 16)
+    the_edit = {"inpaint": lambda: Inpaint(src, top), "vary": lambda: Vary(src, 0.5),
+                "interpolate": lambda: Interpolate([(0, 0), (1, 0)], torch.linspace(0, 1, len(LABELS), dtype=torch.float64)),
+                None: lambda: None}[edit]()
+    return generate(plan, torch.eye(6)[LABELS], edit=the_edit).images
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    out: dict[str, np.ndarray] = {"labels": np.array(LABELS), "sources": sources().numpy()}
-    top = region("top", 16)[None, None].expand(len(LABELS), 1, 16, 16)
-    for name, (ckpt, sampler, steps, edit) in CASES.items():
-        model = load_model(ckpt)
-        spec = sampling_spec(sampler, steps, None if ckpt != "pretrained_fast" else 2.0)
-        contexts = torch.eye(6)[LABELS]
-        the_edit = {"inpaint": lambda: Inpaint(torch.from_numpy(out["sources"]), top),
-                    "vary": lambda: Vary(torch.from_numpy(out["sources"]), 0.5),
-                    "interpolate": lambda: Interpolate([(0, 0), (1, 0)], torch.linspace(0, 1, len(LABELS), dtype=torch.float64)),
-                    None: lambda: None}[edit]()
-        images = generate(model, spec, contexts, edit=the_edit).images
-        out[name] = images.numpy()
-        print(name, float(images.abs().max()))
+    src = sources()
+    out = {"labels": np.array(LABELS), "sources": src.numpy()}
+    for name in CASES:
+        out[name] = make(name, plan_of(name), src).numpy()
     np.savez_compressed(Path(__file__).with_suffix(".npz"), **out)
 
 

@@ -1,95 +1,41 @@
-"""What every sampler shares: timestep spacing, the sampling loop with chain recording, the output.
+"""What every sampler shares: the output, and the one loop that walks a grid of noise levels.
 
-Samplers take a denoiser eps_theta(x_t, t) (conditioning already bound, see guidance.py) and a
-NoiseSchedule; they know nothing of Lightning. Timesteps are 0-based; t_prev = -1 means "the clean
-image", where alpha_bar = 1.
+A sampler is a step rule: ``levels(schedule)``, its decreasing grid (the last the clean image, t = 0), and
+``step(x, denoise, schedule, cur, nxt, noise)``, one move from level ``cur`` to the less noisy ``nxt``; it knows nothing
+of models or Lightning: ``denoise(x, level)`` returns the model's Denoised (x_0 and eps; model.py). ``walk`` is the only
+sampling loop: plain sampling, inpainting (a ``keep`` after every step, RePaint's jumps back up the grid), variations
+(a later start) and the ONNX export all run it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from difflab.diffusion import Denoiser, predict_x0_from_eps
-from difflab.errors import ConfigError
+from difflab.diffusion import Denoised, Denoiser, Level
 from difflab.schedules import NoiseSchedule
-from difflab.validate import integer, number
 
-SPACINGS = ("leading", "trailing", "linspace")
 # where step noise comes from: one torch.Generator for the batch, or per-image streams (anything with randn_like)
 Noise = Any
-
-
-def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
-    """Decreasing timesteps for a ``steps``-step sampler over a T-step schedule (diffusers' conventions).
-
-    trailing: round(T - k T/steps) - 1, starts at T-1 (Lin et al. 2023, "Common diffusion noise
-    schedules and sample steps are flawed"); leading: k (T // steps); linspace: linspace(0, T-1).
-    """
-    check_steps(T, steps)
-    if spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
-    elif spacing == "leading":
-        ts = (np.arange(steps) * (T // steps))[::-1]
-    elif spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps).round().astype(np.int64)[::-1]
-    else:
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
-    return [int(t) for t in ts]
-
-
-def solver_timesteps(T: int, steps: int, spacing: str) -> list[int]:
-    """The timesteps of a multistep ODE solver that ends at the clean image (diffusers' DPM-Solver and UniPC): with
-    linspace, steps + 1 points from T-1 down to 0, the final 0 replaced by the clean image (so at most T-1 steps, checked
-    as typed); trailing and leading as spaced_timesteps."""
-    if spacing == "linspace":
-        check_steps(T, steps, reserved=1)
-        return sorted(set(spaced_timesteps(T, steps + 1, "linspace")[:-1]), reverse=True)
-    return spaced_timesteps(T, steps, spacing)
-
-
-def check_steps(T: int, steps: int, reserved: int = 0) -> None:
-    """1 <= steps <= T - reserved: a sampler that spends ``reserved`` of the T timesteps elsewhere allows fewer."""
-    most = T - reserved
-    if not 1 <= steps <= most:
-        raise ConfigError(f"steps must be in [1, T{f'-{reserved}' if reserved else ''}={most}], got {steps}")
-
-
-def check_settings(steps: int | None = None, spacing: str | None = None, eta: float | None = None) -> None:
-    """Sampler settings as typed on the command line (steps <= T is checked once T is known)."""
-    if steps is not None:
-        integer("sampler.steps", steps, 1, " (or steps=N on the command line)")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ConfigError(f"sampler.spacing={spacing!r}: choose one of {SPACINGS}")
-    if eta is not None:
-        number("sampler.eta", eta, 0, 1, " (0: deterministic DDIM, 1: DDPM-like noise)")
-
-
-def at(t: int, x: Tensor) -> Tensor:
-    """The integer timestep t for every row of x, for difflab.diffusion's per-row formulas."""
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
-def alpha_bar(s: NoiseSchedule, t: int) -> Tensor:
-    """alpha_bar_t as a 0-d tensor, with alpha_bar_{-1} = 1."""
-    return s.alphas_cumprod[t] if t >= 0 else torch.ones((), device=s.alphas_cumprod.device)
 
 
 @dataclass
 class SampleOutput:
     images: Tensor  # (N, C, H, W), float in [-1, 1] (unclamped model output)
-    chain: list[Tensor] = field(default_factory=list)  # recorded x_t, first = x_T, last = images
+    chain: list[Tensor] = field(default_factory=list)  # recorded x_t, first = the start, last = images
     x0_chain: list[Tensor] = field(default_factory=list)  # the x_0 predicted at each recorded step: chain[1:]'s
-    chain_t: list[int] = field(default_factory=list)  # the t of each chain frame (-1 = final)
+    chain_t: list[float] = field(default_factory=list)  # the t of each chain frame (0.0 = the clean image)
     pixels: Tensor | None = None  # (N, C, H, W) uint8 after the output stage (difflab.sampling.generate)
 
 
 class Sampler:
-    """Subclasses define ``timesteps(T)`` and ``step(...)``; ``sample`` runs the loop. ``name``: its conf/sampler/ file."""
+    """Subclasses define ``levels`` and ``step``; ``name``: its conf/sampler/ file. ``clip_x0``: x_0 clipped to the data
+    range before it is used (and eps made consistent with it)."""
 
     name: str = ""
     clip_x0: bool = True
@@ -98,45 +44,71 @@ class Sampler:
         """The constructor's settings as set (what a record of the sampling names)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    def timesteps(self, T: int) -> list[int]:
+    def levels(self, schedule: NoiseSchedule) -> list[Level]:
+        """The grid: decreasing noise levels, the last the clean image."""
+        return [*(schedule.level(t) for t in self.times(schedule)), schedule.level(0.0)]
+
+    def times(self, schedule: NoiseSchedule) -> list[float]:
+        """The t of every step's start (decreasing)."""
         raise NotImplementedError
 
     def reset(self) -> None:
         """Clear state carried between steps (multistep solvers)."""
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
-        """One update x_t -> x_{t_prev}; returns (x_prev, predicted x_0)."""
+    def step(self, x: Tensor, denoise: Denoiser, schedule: NoiseSchedule, cur: Level, nxt: Level,
+             noise: Noise | None) -> tuple[Tensor, Tensor]:
+        """One move x at ``cur`` -> x at ``nxt``; returns (x_next, the x_0 it predicted)."""
         raise NotImplementedError
 
-    def predict_x0(self, s: NoiseSchedule, x_t: Tensor, t: int, eps: Tensor) -> Tensor:
-        # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), clipped to the data range where asked
-        x0 = predict_x0_from_eps(s, x_t, at(t, x_t), eps)
-        return x0.clamp(-1, 1) if self.clip_x0 else x0
+    def read(self, x: Tensor, denoise: Denoiser, level: Level) -> Denoised:
+        """The model at (x, level), x_0 clipped where asked."""
+        den = denoise(x, level)
+        return den.clipped(x, level) if self.clip_x0 else den
 
-    @torch.no_grad()
-    def sample(
-        self,
-        denoise: Denoiser,
-        s: NoiseSchedule,
-        x_T: Tensor,
-        generator: Noise | None = None,
-        record_every: int = 0,
-        progress: bool = False,
-    ) -> SampleOutput:
-        ts = self.timesteps(s.timesteps)
-        self.reset()
-        out = SampleOutput(images=x_T)
-        x = x_T
-        if record_every:
-            out.chain.append(x.cpu()), out.chain_t.append(ts[0])
-        steps = list(zip(ts, ts[1:] + [-1]))
-        for i, (t, t_prev) in enumerate(_progress(steps, progress, type(self).__name__)):
-            eps = denoise(x, at(t, x)).float()
-            x, x0 = self.step(s, eps, t, t_prev, x, generator)
-            if record_every and ((i + 1) % record_every == 0 or t_prev == -1):
-                out.chain.append(x.cpu()), out.x0_chain.append(x0.cpu()), out.chain_t.append(t_prev)
-        out.images = x
-        return out
+    def sample(self, denoise: Denoiser, schedule: NoiseSchedule, x: Tensor, noise: Noise | None = None, record_every: int = 0,
+               progress: bool = False) -> SampleOutput:
+        """The whole grid from x at its first level."""
+        return walk(self, denoise, schedule, self.levels(schedule), x, noise, record_every=record_every, progress=progress)
+
+
+@torch.no_grad()
+def walk(sampler: Sampler, denoise: Denoiser, schedule: NoiseSchedule, levels: Sequence[Level], x: Tensor,
+         noise: Noise | None = None, path: Sequence[int] | None = None, keep: Callable[[Tensor, Level], Tensor] | None = None,
+         record_every: int = 0, progress: bool = False) -> SampleOutput:
+    """x at levels[path[0]] walked along ``path`` (positions in ``levels``; default: all of them in order). Down one
+    position is one sampler step, then ``keep(x, level)`` (inpainting puts the known pixels back); up is forward noising
+    (RePaint's jump back), after which a multistep solver starts afresh. Every ``record_every`` moves (and the last) the
+    chain records x and the predicted x_0."""
+    path = list(range(len(levels))) if path is None else list(path)
+    sampler.reset()
+    out = SampleOutput(images=x)
+    if record_every:
+        out.chain.append(x.cpu()), out.chain_t.append(levels[path[0]].t)
+    x0 = x
+    moves = list(zip(path, path[1:]))
+    for i, (p, q) in enumerate(_progress(moves, progress, type(sampler).__name__)):
+        cur, nxt = levels[p], levels[q]
+        if q == p + 1:
+            x, x0 = sampler.step(x, denoise, schedule, cur, nxt, noise)
+            x = keep(x, nxt) if keep is not None else x
+        else:
+            x = renoise(x, cur, nxt, noise)
+            sampler.reset()  # a multistep solver's history belongs to the trajectory it left
+        if record_every and ((i + 1) % record_every == 0 or i == len(moves) - 1):
+            out.chain.append(x.cpu()), out.x0_chain.append(x0.cpu()), out.chain_t.append(nxt.t)
+    out.images = x
+    return out
+
+
+def renoise(x: Tensor, cur: Level, up: Level, noise: Noise | None, scale: float = 1.0) -> Tensor:
+    # x_up ~ q(x_up | x_cur) = N((alpha_up / alpha_cur) x_cur, (sigma_up^2 - (alpha_up / alpha_cur)^2 sigma_cur^2) I)
+    ratio = up.alpha / cur.alpha
+    return ratio * x + scale * math.sqrt(max(up.sigma**2 - ratio**2 * cur.sigma**2, 0.0)) * noise_like(x, noise)
+
+
+def noised(x0: Tensor, level: Level, z: Tensor) -> Tensor:
+    # x_t = alpha x_0 + sigma z (the clean level: x_0 itself)
+    return x0 if level.clean else level.alpha * x0 + level.sigma * z
 
 
 def _progress(steps: list, enabled: bool, name: str):

@@ -1,6 +1,6 @@
 """Multistep consistency sampling (Song et al. 2023, Algorithm 1), for consistency models only (objectives.Consistency).
 
-x_0 = f(x_t, t) at the first step, then for each further t: x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) z with fresh noise z,
+x_0 = f(x_t, t) at the first step, then for each further t: x_t = alpha_t x_0 + sigma_t z with fresh noise z,
 x_0 = f(x_t, t). One network call per step: the guidance is in the weights.
 """
 
@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from difflab.diffusion import Denoiser, Level
 from difflab.errors import ConfigError
-from difflab.samplers.base import Noise, Sampler, alpha_bar, check_settings, noise_like
+from difflab.samplers.base import Noise, Sampler, noise_like
+from difflab.samplers.grids import check_settings
 from difflab.schedules import NoiseSchedule
 from difflab.validate import number
 
@@ -34,22 +36,29 @@ class ConsistencySampler(Sampler):
                               "or null for the rho spacing")
         self.clip_x0 = clip_x0
 
-    def timesteps(self, T: int) -> list[int]:
+    def times(self, schedule: NoiseSchedule) -> list[float]:
+        T = schedule.timesteps
+        fractions = [(1 - i / self.steps) ** self.rho for i in range(self.steps)]
+        if T is None:
+            if self.at is not None:
+                raise ConfigError("sampler.timesteps are steps of a T-step schedule; this one is continuous: use null (rho spacing)")
+            # t_i = t_min + (t_max - t_min) (1 - i / steps)^rho
+            return [schedule.t_min + (schedule.t_max - schedule.t_min) * f for f in fractions]
         if self.at is None:
-            # t_i = round((T - 1) (1 - i / steps)^rho), i = 0 .. steps-1: step i starts from a noise level that shrinks with rho
-            ts = [round((T - 1) * (1 - i / self.steps) ** self.rho) for i in range(self.steps)]
-            if len(set(ts)) < len(ts):
+            # step k_i = round((T - 1) (1 - i / steps)^rho): step i starts from a noise level that shrinks with rho
+            ks = [round((T - 1) * f) for f in fractions]
+            if len(set(ks)) < len(ks):
                 raise ConfigError(f"steps={self.steps} with rho={self.rho} repeats timesteps on T={T}: use fewer steps or a smaller rho")
-            return ts
-        if not (0 <= self.at[-1] and self.at[0] < T):
-            raise ConfigError(f"sampler.timesteps={self.at}: each must lie in [0, T-1={T - 1}]")
-        return self.at
+        else:
+            if not (0 <= self.at[-1] and self.at[0] < T):
+                raise ConfigError(f"sampler.timesteps={self.at}: each must lie in [0, T-1={T - 1}]")
+            ks = self.at
+        return [(k + 1) / T for k in ks]
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
-        x0 = self.predict_x0(s, x_t, t, eps)  # f(x_t, t)
-        if t_prev < 0:
+    def step(self, x: Tensor, denoise: Denoiser, schedule: NoiseSchedule, cur: Level, nxt: Level,
+             noise: Noise | None) -> tuple[Tensor, Tensor]:
+        x0 = self.read(x, denoise, cur).x0  # f(x_t, t)
+        if nxt.clean:
             return x0, x0
-        ab = alpha_bar(s, t_prev)
-        # x_{t'} = sqrt(ab_t') x_0 + sqrt(1 - ab_t') z
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise_like(x_t, generator), x0
-
+        # x_s = alpha_s x_0 + sigma_s z
+        return nxt.alpha * x0 + nxt.sigma * noise_like(x, noise), x0

@@ -1,11 +1,14 @@
-"""DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
+"""DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 matches DDPM's posterior variance."""
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
-from difflab.diffusion import predict_eps_from_x0
-from difflab.samplers.base import Noise, Sampler, alpha_bar, at, check_settings, noise_like, spaced_timesteps
+from difflab.diffusion import Denoiser, Level
+from difflab.samplers.base import Noise, Sampler, noise_like
+from difflab.samplers.grids import check_settings, spaced
 from difflab.schedules import NoiseSchedule
 
 
@@ -19,19 +22,18 @@ class DDIMSampler(Sampler):
         self.spacing = spacing
         self.clip_x0 = clip_x0
 
-    def timesteps(self, T: int) -> list[int]:
-        return spaced_timesteps(T, self.steps, self.spacing)
+    def times(self, schedule: NoiseSchedule) -> list[float]:
+        return spaced(schedule, self.steps, self.spacing)
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
-        ab, ab_prev = alpha_bar(s, t), alpha_bar(s, t_prev)
-        x0 = self.predict_x0(s, x_t, t, eps)
-        if self.clip_x0:
-            # the direction term uses the eps consistent with the clipped x_0: eps = (x_t - sqrt(ab_t) x_0) / sqrt(1 - ab_t)
-            eps = predict_eps_from_x0(s, x_t, at(t, x_t), x0)
-        # sigma_t = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
-        sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        # x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
-        x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if self.eta > 0 and t_prev >= 0:
-            x_prev = x_prev + sigma * noise_like(x_t, generator)
-        return x_prev, x0
+    def step(self, x: Tensor, denoise: Denoiser, schedule: NoiseSchedule, cur: Level, nxt: Level,
+             noise: Noise | None) -> tuple[Tensor, Tensor]:
+        den = self.read(x, denoise, cur)  # clipped: the direction term uses the eps consistent with the clipped x_0
+        # sigma_eta^2 = eta^2 sigma_{t|s}^2 sigma_s^2 / sigma_t^2, sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2
+        # (on a VP schedule eta^2 (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s), the paper's)
+        var_ts = cur.sigma**2 - (cur.alpha / nxt.alpha) ** 2 * nxt.sigma**2
+        sigma = self.eta * math.sqrt(max(var_ts, 0.0) * nxt.sigma**2 / cur.sigma**2)
+        # x_s = alpha_s x_0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z
+        x_next = nxt.alpha * den.x0 + math.sqrt(max(nxt.sigma**2 - sigma**2, 0.0)) * den.eps
+        if self.eta > 0 and not nxt.clean:
+            x_next = x_next + sigma * noise_like(x, noise)
+        return x_next, den.x0

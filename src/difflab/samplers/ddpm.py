@@ -1,41 +1,49 @@
-"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2)."""
+"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), from any level t to any s < t: x_s ~ q(x_s | x_t, x_0) with
+the model's x_0. On a T-step VP grid, step by step, this is DDPM exactly (beta_t = 1 - alpha_bar_t / alpha_bar_{t-1})."""
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
-from difflab.diffusion import q_posterior
+from difflab.diffusion import Denoiser, Level
 from difflab.errors import ConfigError
-from difflab.samplers.base import Noise, Sampler, at, noise_like
+from difflab.samplers.base import Noise, Sampler, noise_like
+from difflab.samplers.grids import every_step
 from difflab.schedules import NoiseSchedule
+from difflab.validate import integer
 
 VARIANCES = ("beta", "posterior")
 
 
 class DDPMSampler(Sampler):
-    """Every one of the T steps. variance="beta": sigma_t^2 = beta_t; "posterior": beta~_t."""
+    """Every step of a T-step grid (``steps`` uniform steps of a continuous schedule, 1000 by default). variance="beta": the step's own
+    variance sigma_{t|s}^2 (beta_t); "posterior": the posterior's, sigma_{t|s}^2 sigma_s^2 / sigma_t^2 (beta~_t)."""
 
     name = "ddpm"
 
-    def __init__(self, variance: str = "beta", clip_x0: bool = False) -> None:
+    def __init__(self, variance: str = "beta", clip_x0: bool = False, steps: int | None = None) -> None:
         if variance not in VARIANCES:
             raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {VARIANCES}")
         self.variance = variance
         self.clip_x0 = clip_x0
+        # a continuous schedule's steps (None: 1000); a T-step grid takes all T
+        self.steps = integer("sampler.steps", steps, 1, " (a continuous schedule's steps)") if steps is not None else None
 
-    def timesteps(self, T: int) -> list[int]:
-        return list(range(T - 1, -1, -1))
+    def times(self, schedule: NoiseSchedule) -> list[float]:
+        return every_step(schedule, self.steps or 1000)
 
-    def step(self, s: NoiseSchedule, eps: Tensor, t: int, t_prev: int, x_t: Tensor, generator: Noise | None) -> tuple[Tensor, Tensor]:
-        x0 = self.predict_x0(s, x_t, t, eps)
-        if self.clip_x0:
-            # mu from the clipped x_0: the posterior mean of q(x_{t-1} | x_t, x_0) (the eps form below without clipping)
-            mean = q_posterior(s, x0, x_t, at(t, x_t))[0]
-        else:
-            # mu = 1/sqrt(a_t) (x_t - b_t / sqrt(1 - ab_t) eps)
-            mean = (x_t - s.betas[t] / s.sqrt_one_minus_alphas_cumprod[t] * eps) / s.alphas[t].sqrt()
-        if t == 0:
+    def step(self, x: Tensor, denoise: Denoiser, schedule: NoiseSchedule, cur: Level, nxt: Level,
+             noise: Noise | None) -> tuple[Tensor, Tensor]:
+        x0 = self.read(x, denoise, cur).x0
+        # q(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}^2): alpha_{t|s} = alpha_t / alpha_s, sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
+        a_ts = cur.alpha / nxt.alpha
+        var_ts = cur.sigma**2 - a_ts**2 * nxt.sigma**2
+        # mu = alpha_{t|s} sigma_s^2 / sigma_t^2 x_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x_0
+        mean = (a_ts * nxt.sigma**2 / cur.sigma**2) * x + (nxt.alpha * var_ts / cur.sigma**2) * x0
+        if nxt.clean:
             return mean, x0
-        var = s.betas[t] if self.variance == "beta" else s.posterior_variance[t]
-        # x_{t-1} = mu + sigma_t z
-        return mean + var.sqrt() * noise_like(x_t, generator), x0
+        var = var_ts if self.variance == "beta" else var_ts * nxt.sigma**2 / cur.sigma**2
+        # x_s = mu + sigma z
+        return mean + math.sqrt(var) * noise_like(x, noise), x0
