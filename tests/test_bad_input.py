@@ -97,7 +97,7 @@ CASES = [
     ("evaluate.py", ["ckpt={ckpt}", "guidance_rescale=2"], "guidance_rescale=2: must be a finite number in [0, 1]"),
     ("sample.py", ["ckpt={ckpt}", "palette=gold"], "palette=gold: choose one of sprite, data"),
     ("sample.py", ["ckpt={ckpt}", "sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1: must be a finite number in [0, 1]"),
-    ("sample.py", ["ckpt={ckpt}", "sampler=ddim", "sampler.spacing=uniform"], "sampler.spacing='uniform': choose one of"),
+    ("sample.py", ["ckpt={ckpt}", "sampler=ddim", "sampler.spacing=uniform"], "sampler.spacing=uniform: choose one of"),
     ("sample.py", ["ckpt={ckpt}", "frames=0"], "frames=0: must be an integer >= 1 (or gif=false)"),
     ("sample.py", ["ckpt={ckpt}", "seed=-2"], "seed=-2: must be an integer >= 0"),
     ("sample.py", ["ckpt={ckpt}", "label=dragon"], "unknown label 'dragon'; this model knows: 0=hero"),

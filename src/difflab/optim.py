@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from difflab.errors import ConfigError
+from difflab.validate import choice
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -21,8 +22,7 @@ class WarmupDecay:
     """lr multiplier: linear warmup 0 -> 1 over ``warmup_steps``, then decay to ``min_lr_ratio`` at ``total_steps``."""
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0) -> None:
-        if decay not in DECAYS:
-            raise ConfigError(f"unknown lr decay {decay!r}; choose one of {DECAYS}")
+        choice("optim.lr_scheduler.scheduler.decay", decay, DECAYS)
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = min(int(warmup_steps), self.total_steps - 1) if decay != "constant" else int(warmup_steps)
         self.decay = decay

@@ -33,7 +33,7 @@ from difflab.model import DiffusionModel
 from difflab.rng import counter_normal
 from difflab.samplers.base import SampleOutput, Sampler, walk
 from difflab.samplers.consistency import ConsistencySampler
-from difflab.validate import integer
+from difflab.validate import choice, integer
 
 PRECISIONS = ("auto", "32", "bf16")
 NOISES = ("auto", "generator", "counter")
@@ -66,16 +66,11 @@ class SamplingSpec:
 
     def __post_init__(self) -> None:
         self.seed = integer("seed", self.seed, 0)
-        if self.noise not in NOISES:
-            raise ConfigError(f"noise={self.noise}: choose one of {', '.join(NOISES)} (auto: counter on CUDA, generator on the CPU)")
+        choice("noise", self.noise, NOISES, " (auto: counter on CUDA, generator on the CPU)")
         self.batch_size = integer("batch_size", self.batch_size, 1)
         self.steps = integer("steps", self.steps, 1) if self.steps is not None else None
-        if str(self.precision) not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision}: choose one of {', '.join(PRECISIONS)}")
-        self.precision = str(self.precision)
-        if self.palette not in (None, "auto", *PALETTES):
-            raise ConfigError(f"palette={self.palette}: choose one of {', '.join(PALETTES)}, auto (sprite for pixel art) or null "
-                              "(the raw samples)")
+        self.precision = choice("precision", str(self.precision), PRECISIONS)
+        choice("palette", self.palette, (*PALETTES, "auto", None), " (auto: sprite for pixel art; null: the raw samples)")
         self.palette_colors = integer("palette_colors", self.palette_colors, 2, " (real sprites use about 8)")
         self.guide = Guidance(self.guidance, plain(self.guidance_interval), self.guidance_rescale)
         self.guidance, self.guidance_interval, self.guidance_rescale = self.guide.scale, self.guide.interval, self.guide.rescale

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from difflab.errors import ConfigError
 
@@ -23,6 +23,14 @@ def number(key: str, value: Any, low: float = -math.inf, high: float = math.inf,
                                       else f" >= {low:g}" if math.isfinite(low) else f" <= {high:g}" if math.isfinite(high) else "")
         raise ConfigError(f"{key}={value!r}: must be {bounds}{hint}")
     return float(value)
+
+
+def choice(key: str, value: Any, options: Sequence[Any], hint: str = "") -> Any:
+    """One of ``options``, as typed (None is YAML's null)."""
+    if value not in options:
+        names = ", ".join("null" if o is None else str(o) for o in options)
+        raise ConfigError(f"{key}={value}: choose one of {names}{hint}")
+    return value
 
 
 def precisions() -> tuple[str, ...]:

@@ -8,11 +8,10 @@ import math
 from torch import Tensor
 
 from difflab.diffusion import Denoiser, Level
-from difflab.errors import ConfigError
 from difflab.samplers.base import Noise, Sampler, noise_like
 from difflab.samplers.grids import every_step
 from difflab.schedules import NoiseSchedule
-from difflab.validate import integer
+from difflab.validate import choice, integer
 
 VARIANCES = ("beta", "posterior")
 
@@ -24,9 +23,7 @@ class DDPMSampler(Sampler):
     name = "ddpm"
 
     def __init__(self, variance: str = "beta", clip_x0: bool = False, steps: int | None = None) -> None:
-        if variance not in VARIANCES:
-            raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {VARIANCES}")
-        self.variance = variance
+        self.variance = choice("sampler.variance", variance, VARIANCES, " (beta: Ho et al.'s sigma_t^2 = beta_t)")
         self.clip_x0 = clip_x0
         # a continuous schedule's steps (None: 1000); a T-step grid takes all T
         self.steps = integer("sampler.steps", steps, 1, " (a continuous schedule's steps)") if steps is not None else None

@@ -13,7 +13,7 @@ import numpy as np
 
 from difflab.errors import ConfigError
 from difflab.schedules import NoiseSchedule
-from difflab.validate import integer, number
+from difflab.validate import choice, integer, number
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -21,14 +21,12 @@ SPACINGS = ("leading", "trailing", "linspace")
 def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
     """Decreasing steps k of a ``steps``-step sampler over a T-step grid (diffusers' conventions)."""
     check_steps(T, steps)
-    if spacing == "trailing":
+    if choice("sampler.spacing", spacing, SPACINGS) == "trailing":
         ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     elif spacing == "leading":
         ts = (np.arange(steps) * (T // steps))[::-1]
-    elif spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps).round().astype(np.int64)[::-1]
     else:
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+        ts = np.linspace(0, T - 1, steps).round().astype(np.int64)[::-1]
     return [int(t) for t in ts]
 
 
@@ -39,13 +37,11 @@ def spaced(schedule: NoiseSchedule, steps: int, spacing: str) -> list[float]:
         return [(k + 1) / T for k in spaced_timesteps(T, steps, spacing)]
     integer("steps", steps, 1)
     lo, hi = schedule.t_min, schedule.t_max
-    if spacing == "trailing":
+    if choice("sampler.spacing", spacing, SPACINGS) == "trailing":
         return [hi * (1 - i / steps) for i in range(steps)]
     if spacing == "leading":
         return [lo + (hi - lo) * i / steps for i in range(steps - 1, -1, -1)]
-    if spacing == "linspace":
-        return [float(t) for t in np.linspace(hi, lo, steps)]
-    raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    return [float(t) for t in np.linspace(hi, lo, steps)]  # linspace
 
 
 def solver_spaced(schedule: NoiseSchedule, steps: int, spacing: str) -> list[float]:
@@ -92,7 +88,7 @@ def check_settings(steps: int | None = None, spacing: str | None = None, eta: fl
     """Sampler settings as typed on the command line (steps <= T is checked once T is known)."""
     if steps is not None:
         integer("sampler.steps", steps, 1, " (or steps=N on the command line)")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ConfigError(f"sampler.spacing={spacing!r}: choose one of {SPACINGS}")
+    if spacing is not None:
+        choice("sampler.spacing", spacing, SPACINGS)
     if eta is not None:
         number("sampler.eta", eta, 0, 1, " (0: deterministic DDIM, 1: DDPM-like noise)")

@@ -19,11 +19,10 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion import Denoiser, Level
-from difflab.errors import ConfigError
 from difflab.samplers.base import Noise, Sampler
 from difflab.samplers.grids import check_settings, solver_spaced
 from difflab.schedules import NoiseSchedule
-from difflab.validate import integer
+from difflab.validate import choice, integer
 
 VARIANTS = ("bh1", "bh2")
 
@@ -36,8 +35,7 @@ class UniPCSampler(Sampler):
     def __init__(self, steps: int = 10, order: int = 2, variant: str = "bh2", spacing: str = "linspace", clip_x0: bool = True) -> None:
         check_settings(steps, spacing)
         integer("sampler.order", order, 1, " (UniPC: 2 by default; 3 for more steps)")
-        if variant not in VARIANTS:
-            raise ConfigError(f"sampler.variant={variant!r}: choose one of {', '.join(VARIANTS)} (bh1 for unguided sampling in under 10 steps)")
+        choice("sampler.variant", variant, VARIANTS, " (bh1 for unguided sampling in under 10 steps)")
         self.steps, self.order, self.variant, self.spacing, self.clip_x0 = steps, order, variant, spacing, clip_x0
         self.reset()
 
