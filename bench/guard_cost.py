@@ -46,7 +46,8 @@ class Clock(L.Callback):
         SECONDS.append(time.perf_counter() - self.start)
 
 
-def run(steps: int, accelerator: str, sync: bool) -> float:
+def run(steps: int, accelerator: str, sync: bool = False, extra: dict | None = None, after=None) -> float:
+    """Steps per second after warm-up; ``extra``: more callbacks (name -> node); ``after(run folder)`` before it goes."""
     register_resolvers()
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", f"trainer.accelerator={accelerator}",
@@ -58,23 +59,36 @@ def run(steps: int, accelerator: str, sync: bool) -> float:
             cfg.callbacks.clock = {"_target_": "guard_cost.Clock"}
             if sync:
                 cfg.callbacks.sync = {"_target_": "guard_cost.SyncEveryStep"}
+            cfg.callbacks.update(extra or {})
         train(cfg)
+        if after is not None:
+            after(Path(out))
     import guard_cost  # the module Hydra instantiated Clock from (this file runs as __main__)
 
     return (steps - 5) / guard_cost.SECONDS[-1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def paired(description: str, measure, **more: int) -> tuple[argparse.Namespace, dict[bool, list[float]]]:
+    """The CLI both cost benches share (--steps --rounds --device and ``more`` integer options), and steps/s of
+    ``measure(args, accelerator, on)`` without and with the thing measured, interleaved over the rounds."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    for name, default in more.items():
+        p.add_argument(f"--{name}", type=int, default=default)
     args = p.parse_args()
     accelerator = "gpu" if args.device == "cuda" else "cpu"
-    speeds = {False: [], True: []}
+    speeds: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.rounds):
-        for sync in (False, True):
-            speeds[sync].append(run(args.steps, accelerator, sync))
+        for on in (False, True):
+            speeds[on].append(measure(args, accelerator, on))
+    return args, speeds
+
+
+def main() -> None:
+    args, speeds = paired(__doc__.split("\n\n")[0], lambda a, accelerator, sync: run(a.steps, accelerator, sync))
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
     lazy, eager = statistics.median(speeds[False]), statistics.median(speeds[True])
     print(f"{cpu_name() if accelerator == 'cpu' else args.device}: {lazy:.2f} steps/s with the guard read at the logging interval, "
           f"{eager:.2f} with a host sync every step: ratio {lazy / eager:.3f} ({args.rounds} rounds of {args.steps} steps, "

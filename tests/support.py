@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import runpy
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,39 @@ def straight_and_cut(overrides: list[str], tmp_path: Path) -> tuple[dict, dict]:
     train(compose_cfg([*overrides, "trainer.max_epochs=1"], tmp_path / "cut"))
     train(compose_cfg(overrides, tmp_path / "cut"))  # ckpt_path=auto: continues the cut run
     return tuple(load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "cut"))
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (run-*.wandb), as wandb's protobuf Records. The file is a LevelDB-style log:
+    a 7-byte file header, then 32 KiB blocks of chunks, each behind a 7-byte header crc32c(4) length(2) type(1) with
+    type FULL=1, FIRST=2, MIDDLE=3, LAST=4 (a block's last < 7 bytes are padding)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, records, pending, pos, block = Path(path).read_bytes(), [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def wandb_config_and_metrics(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """An offline run's config (key -> JSON value) and its defined metrics (name -> summary: min / max / ...)."""
+    config, metrics = {}, {}
+    for r in wandb_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            config.update({u.key: u.value_json for u in (r.run.config if kind == "run" else r.config).update})
+        elif kind == "metric" and r.metric.name:
+            metrics[r.metric.name] = next((k for k in ("min", "max", "mean", "last") if getattr(r.metric.summary, k)), "")
+    return config, metrics

@@ -14,6 +14,7 @@ from difflab.metrics.intervals import (
     balanced_accuracy,
     bootstrap,
     counts,
+    holm,
     percentile_interval,
     stratified_draws,
     t_interval,
@@ -80,3 +81,26 @@ def test_frechet_to_real_equals_torchmetrics_fd() -> None:
     idx = np.random.default_rng(0).integers(0, 300, size=(3, 300))
     by_counts = ours.resampled(fake.numpy(), counts(idx, 300))
     assert by_counts == pytest.approx([ours(fake.numpy()[i]) for i in idx], rel=1e-9)
+
+
+def test_p_values_match_scipys_t_tests() -> None:
+    a, b = [1.2, 1.9, 1.5, 1.7], [2.4, 2.0, 2.9]
+    assert t_interval(a).p == pytest.approx(stats.ttest_1samp(a, 0).pvalue)
+    assert welch_interval(a, b).p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert t_interval([1.0, 1.0, 1.0]).p == 0.0 and t_interval([0.0, 0.0]).p == 1.0  # no spread: certain, or nothing
+    # a 95% interval excludes 0 exactly when p < 0.05
+    for values in ([0.1, 0.3, 0.2], [0.1, -0.3, 0.25], [0.5, 0.52, 0.49, 0.9]):
+        got = t_interval(values)
+        assert got.excludes_zero() == (got.p < 0.05)
+
+
+def test_bootstrap_p_value_is_the_share_of_draws_past_zero() -> None:
+    draws = np.concatenate([np.full(30, -1.0), np.full(970, 1.0)])  # median 1: no shift
+    got = percentile_interval(1.0, draws)
+    assert got.p == pytest.approx(2 * 31 / 1001) and got.half_width == pytest.approx((got.hi - got.lo) / 2)
+
+
+def test_holm_by_hand() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == [] and holm([0.02]) == [0.02]

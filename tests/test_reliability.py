@@ -23,6 +23,7 @@ from difflab.checkpoint import load_checkpoint
 from difflab.cli import Stopped
 from difflab.data.datamodule import EpochSampler
 from difflab.errors import NonFiniteLossError
+from difflab.phema import snapshots
 from difflab.train import train
 
 from support import Crash, compose_cfg, read_metrics
@@ -32,11 +33,13 @@ RESUMABLE = ["model=unet_tiny", "model.dropout=0.1", "data.limit=48", "data.batc
              "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "callbacks.sample_grid.every_n_epochs=1",
              "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.sampling.steps=2", "~callbacks.progress_bar",
              "trainer.enable_progress_bar=false", "timesteps=100", "trainer.precision=32",
-             "callbacks.model_checkpoint.every_n_train_steps=3", "+callbacks.draws._target_=support.RecordDraws"]
+             "callbacks.model_checkpoint.every_n_train_steps=3", "+callbacks.draws._target_=support.RecordDraws",
+             "+callbacks.posthoc_ema._target_=difflab.phema.PostHocEMA", "+callbacks.posthoc_ema.every_n_steps=4"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Bit-identical: EMA and raw weights, optimizer state, step, every logged loss, the draws of Python/NumPy."""
+    """Bit-identical: EMA and raw weights, post-hoc EMA profiles and snapshots, optimizer state, step, every logged loss, the
+    draws of Python/NumPy."""
     ca, cb = load_checkpoint(a / "checkpoints" / "last.ckpt"), load_checkpoint(b / "checkpoints" / "last.ckpt")
     assert ca["global_step"] == cb["global_step"] == 18
     for key in ("state_dict", "current_model_state"):
@@ -45,6 +48,15 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert torch.equal(ca[key][name], cb[key][name]), (key, name)
     for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+    pa, pb = ca["callbacks"]["PostHocEMA"], cb["callbacks"]["PostHocEMA"]
+    assert pa["step"] == pb["step"] == 18 and pa["images"] == pb["images"]
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(pa["profiles"], pb["profiles"]) for k in x)
+    sa, sb = snapshots(a), snapshots(b)
+    assert [s.step for s in sa] == [s.step for s in sb] == [4, 8, 12, 16, 18]
+    for x, y in zip(sa, sb):
+        xa, xb = torch.load(x.path, weights_only=True), torch.load(y.path, weights_only=True)
+        assert all(torch.equal(p[k], q[k]) for p, q in zip(xa["profiles"], xb["profiles"]) for k in p)
 
     def losses(run: Path) -> dict:
         return {(r["step"], k): v for r in read_metrics(run) for k, v in r.items() if v and k.startswith(("train/loss", "val/loss"))}

@@ -142,3 +142,82 @@ def test_the_cli_writes_the_report_of_any_run_folders_and_says_bad_input_in_one_
     assert "| schedule=cosine (baseline) | 2 |" in (tmp_path / "out" / "report.md").read_text()
     bad = run_script("-m", "difflab.report", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and bad.stderr.count("error: ") == 1 and "Traceback" not in bad.stderr
+
+
+def fixed_run(root: Path, job: int, overrides: dict[str, object], seed: int, fd: float, acc: float, steps: int = 100,
+              kind: str = "final.json") -> Path:
+    """A run whose figures are given (no scores.npz: configurations of 2 or more seeds need none)."""
+    folder = root / f"{job}_{','.join(f'{k}={v}' for k, v in overrides.items())},seed={seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in {**overrides, "seed": seed}.items()))
+    row = {"sampler": "dpmpp", "steps": 15, "guidance": 2.0, "n": 1000, "feature": "classifier", "fd": fd, "cond_acc": acc}
+    training = {"train_steps": steps, "train_seconds": 300.0, "images_seen": steps * 64, "val_loss": 0.1}
+    (folder / kind).write_text(json.dumps({"training": training, "row": row, "config": {"seed": seed}}))
+    return folder
+
+
+def test_holm_turns_a_lone_significant_difference_among_many_questions_into_noise(tmp_path):
+    base = [1.0, 1.1, 0.9]
+    worse = [b + d for b, d in zip(base, (0.30, 0.20, 0.25))]  # paired: mean 0.25, sd 0.05, t = 8.66, df 2: p = 0.013
+    p = 2 * __import__("scipy").stats.t.sf(0.25 / (0.05 / np.sqrt(3)), 2)
+
+    def write(root: Path, others: int) -> Path:
+        for seed in range(3):
+            fixed_run(root, seed, {"lr": "a"}, seed, base[seed], 0.9)
+            fixed_run(root, 10 + seed, {"lr": "b"}, seed, worse[seed], 0.9)
+            for k in range(others):  # configurations equal to the baseline: more questions, no answers
+                fixed_run(root, 20 + 10 * k + seed, {"lr": f"c{k}"}, seed, base[seed], 0.9)
+        return write_report([root])
+
+    alone = verdict_line(write(tmp_path / "two", 0), "lr=b")  # 2 questions (FD, accuracy; accuracy untestable: p 1)
+    assert f"p {p:.2g}, Holm {2 * p:.2g} **worse**" in alone
+    crowd = write(tmp_path / "many", 2)  # 6 questions: Holm multiplies the smallest p by 6 = 0.078
+    line = verdict_line(crowd, "lr=b")
+    assert "[+0.126, +0.374]" in line and f"Holm {6 * p:.2g} **within noise**" in line  # the interval alone excludes 0
+    text = crowd.read_text()
+    assert "6 comparisons (configurations x figures) are corrected together by Holm's method" in text
+    # the smallest difference it could detect: t_{2,0.975} 0.05 / sqrt(3) = 0.124 for FD
+    assert "| lr=b | ±0.124 | ±0 |" in text
+    tables = json.loads((tmp_path / "many" / "report.json").read_text())["tables"]
+    assert tables["verdicts"]["columns"][0] == "configuration" and len(tables["verdicts"]["rows"]) == 3
+
+
+def test_unequal_steps_and_unreadable_or_unfinished_runs_are_said(tmp_path):
+    for seed, (a, b) in enumerate(((742, 848), (848, 901), (742, 795))):
+        fixed_run(tmp_path, seed, {"schedule": "linear"}, seed, 2.0, 0.9, steps=a)
+        fixed_run(tmp_path, 10 + seed, {"schedule": "cosine"}, seed, 2.0, 0.9, steps=b)
+    (tmp_path / "3_schedule=linear,seed=3" / ".hydra").mkdir(parents=True)  # a job that never finished
+    (tmp_path / "3_schedule=linear,seed=3" / ".hydra" / "overrides.yaml").write_text("- schedule=linear\n- seed=3\n")
+    broken = fixed_run(tmp_path, 4, {"schedule": "cosine"}, 4, 2.0, 0.9)
+    (broken / "final.json").write_text('{"training": {"train_st')  # cut off mid-write
+    text = write_report([tmp_path]).read_text()
+    assert "Unequal training: the configurations made different numbers of steps (schedule=linear: 742/848/742; " \
+           "schedule=cosine: 848/901/795)" in text
+    assert "# Report: 6 training runs" in text and "Left out: 2 run folder(s)" in text
+    assert f"`{broken}`: final.json unreadable (" in text
+    assert f"`{tmp_path / '3_schedule=linear,seed=3'}`: no final.json or result.json: the job did not finish" in text
+    even = tmp_path / "even"
+    for seed in range(2):
+        fixed_run(even, seed, {"schedule": "linear"}, seed, 2.0, 0.9, steps=800)
+        fixed_run(even, 10 + seed, {"schedule": "cosine"}, seed, 2.0, 0.9, steps=805)  # within 2%: not a confound worth a line
+    assert "Unequal training" not in write_report([even]).read_text()
+
+
+def test_evaluations_of_several_training_runs_pair_by_checkpoint_and_plot_against_a_numeric_setting(tmp_path):
+    # evaluate.py -m ckpt=r0,r1,r2 ema.length=null,0.05,0.1,0.2 report.replicates=[seed,ckpt]
+    fds = {"null": 2.0, "0.05": 1.8, "0.1": 1.5, "0.2": 1.9}
+    job = 0
+    for length, fd in fds.items():
+        for r in range(3):
+            fixed_run(tmp_path, job, {"ckpt": f"logs/r{r}", "ema.length": length}, 0, fd + 0.1 * r + 0.01 * job, 0.9,
+                      kind="result.json")
+            job += 1
+    pooled = write_report([tmp_path], baseline="ema.length=null", replicates=["seed", "ckpt"])
+    text = pooled.read_text()
+    assert "| ema.length=0.1 | 3 |" in text and "Replicates (seed, ckpt) per configuration: 3" in text
+    assert "paired t over 3 seeds" not in text and "paired t over 3 replicates" in verdict_line(pooled, "ema.length=0.1")
+    assert (tmp_path / "settings.png").is_file() and "![settings](settings.png)" in text
+    per_run = write_report([tmp_path], out=tmp_path / "apart", baseline="ema.length=null,ckpt=logs/r0")
+    assert "| ckpt=logs/r1,ema.length=0.1 | 1 |" in per_run.read_text()  # without it every checkpoint is a configuration
+    with pytest.raises(ReportError, match=r"report.replicates names lr, which no run's command line sets"):
+        write_report([tmp_path], replicates=["seed", "lr"])

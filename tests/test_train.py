@@ -9,9 +9,10 @@ import torch
 from omegaconf import OmegaConf
 
 from difflab.checkpoint import CheckpointError, load_checkpoint
+from difflab.phema import snapshots
 from difflab.train import train
 
-from support import compose_cfg, read_metrics, run_script
+from support import compose_cfg, read_metrics, run_script, wandb_config_and_metrics
 
 TINY = ["model=unet_tiny", "debug=fast"]
 
@@ -55,6 +56,8 @@ def test_sweep_runs_each_job_in_its_own_dir_and_groups_wandb_runs(tmp_path):
     (report_run,) = (tmp_path / "sweep" / "wandb").glob("offline-run-*")
     record = next(report_run.glob("run-*.wandb")).read_bytes()
     assert b"train-sweep" in record and b"report" in record and list((report_run / "files" / "media").rglob("*.png"))
+    tables = {p.name.split("_")[0] for p in (report_run / "files" / "media").rglob("*.table.json")}
+    assert {"results", "verdicts", "detectable"} <= tables  # the report's tables, as wandb.Tables
     schedules = []
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
@@ -66,6 +69,10 @@ def test_sweep_runs_each_job_in_its_own_dir_and_groups_wandb_runs(tmp_path):
         assert f"schedule={schedules[-1].replace('Schedule', '').lower()}".encode() in record  # run name from overrides
         assert list((runs[0] / "files" / "media").rglob("*.png")), "the sample grid went to W&B"
         assert b"final/fd" in record  # the final quality, in the run's summary
+        # the report's name of its configuration (seeds of one share it: the dashboard groups by it); figures' directions
+        config, metrics = wandb_config_and_metrics(next(runs[0].glob("run-*.wandb")))
+        assert config["configuration"] == f'"schedule={schedules[-1].replace("Schedule", "").lower()}"'
+        assert metrics["final/fd"] == "min" and metrics["final/cond_acc"] == "max" and metrics["val/fd"] == "min"
     assert schedules == ["LinearSchedule", "CosineSchedule"]
 
 
@@ -172,9 +179,11 @@ def test_bf16_mixed_on_cpu_trains(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_inside_a_sweep(tmp_path):
-    """Each job of a -m sweep starts its own 2 ranks, in its own folder (not the whole sweep again)."""
+    """Each job of a -m sweep starts its own 2 ranks, in its own folder (not the whole sweep again); post-hoc EMA
+    snapshots are written once, counting both ranks' images."""
     out = ok(run_script("train.py", "-m", "schedule=linear,cosine", *TINY, "trainer=ddp", "trainer.accelerator=cpu",
-                        "trainer.devices=2", f"hydra.sweep.dir={tmp_path}", timeout=600))
+                        "trainer.devices=2", "callbacks=posthoc_ema", "callbacks.posthoc_ema.every_n_steps=2",
+                        f"hydra.sweep.dir={tmp_path}", timeout=600))
     assert out.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2 and out.count("Launching 2 jobs locally") == 1
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(jobs) == 2
@@ -183,6 +192,12 @@ def test_ddp_two_cpu_processes_inside_a_sweep(tmp_path):
         # 2 ranks x 4 batches of 16: each rank takes half of every epoch's batches
         assert ckpt["global_step"] == 4 and ckpt["difflab_config"]["trainer"]["devices"] == 2
         assert (job / "train_rank1.log").is_file()
+        snaps = snapshots(job)
+        assert [s.step for s in snaps] == [2, 4]
+        last = torch.load(snaps[-1].path, weights_only=True)
+        assert last["images"] == 4 * 16 * 2  # 4 steps of 16 images on each of 2 ranks
+        state = ckpt["callbacks"]["PostHocEMA"]["profiles"]  # the checkpoint (rank 0's, saved collectively) and the file agree
+        assert all(torch.equal(state[i][k], last["profiles"][i][k]) for i in (0, 1) for k in state[i])
 
 
 # bad input -----------------------------------------------------------------------------------------------

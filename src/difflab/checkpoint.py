@@ -12,6 +12,7 @@ from torch import nn
 
 from difflab.config import PROJECT_ROOT
 from difflab.errors import CheckpointError  # noqa: F401  (re-exported: callers import it from here)
+from difflab.phema import check_ema_length, rebuild
 
 # the shipped models (data/pretrained/MODEL_CARD.md): ckpt=pretrained, init_from=pretrained; ckpt=pretrained_fast (its
 # consistency-tuned twin, 1 to 4 network calls per sprite); ckpt=pretrained_inpaint (its twin tuned for inpainting)
@@ -98,16 +99,16 @@ def upgraded(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "objective": new}
 
 
-def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, ema_length: float | None = None) -> Path:
     """A checkpoint for shipping: the EMA weights of the network in ``dtype`` (half the float32 size; the samplers
     run a bf16 copy on bf16 hardware anyway), the run config, classes and data identity; no optimizer state, raw
     weights or callback states (it samples and fine-tunes, init_from=, but does not resume). Written atomically."""
     ckpt = load_checkpoint(src)
-    weights = net_state_dict(ckpt, ema=True)
+    weights = net_weights(ckpt, Path(src), ema_length)
     slim = {
         "state_dict": {f"net.{k}": v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
         **{k: ckpt.get(k) for k in ("difflab_config", "class_names", "difflab_data", "epoch", "global_step")},
-        "difflab_export": {"source": Path(src).name, "dtype": str(dtype).removeprefix("torch.")},
+        "difflab_export": {"source": Path(src).name, "dtype": str(dtype).removeprefix("torch."), "ema_length": ema_length},
     }
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,16 @@ def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
     torch.save(slim, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+def net_weights(ckpt: dict[str, Any], path: Path, ema_length: float | None = None) -> dict[str, torch.Tensor]:
+    """The network's weights for ``ema_length``: None, the EMA the run trained with; 0, the raw training weights; else
+    the post-hoc EMA of that length rebuilt from the snapshots beside the checkpoint (<run>/phema, difflab.phema)."""
+    ema_length = check_ema_length(ema_length)
+    if not ema_length:
+        return net_state_dict(ckpt, ema=ema_length is None)
+    rebuilt = rebuild(Path(path).resolve().parent.parent, int(ckpt.get("global_step", -1)), ema_length)
+    return {**net_state_dict(ckpt, ema=True), **rebuilt}  # parameters rebuilt, buffers as saved
 
 
 def net_state_dict(ckpt: dict[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:

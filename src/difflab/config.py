@@ -6,6 +6,8 @@ import itertools
 import os
 import re
 import secrets
+import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,33 @@ from omegaconf import DictConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+# overrides that do not make a configuration: where things go, how they are logged, what the report compares against
+NOT_A_SETTING = re.compile(r"^(seed|ckpt_path|logger|hydra\..*|hydra/.*|paths\..*|report\..*|trainer\.devices|trainer\.accelerator|"
+                           r"trainer\.enable_progress_bar|metrics\.(classifier_ckpt|classifiers_dir|cache_dir)|data\.(root|path))$")
+
+
+def configuration_label(replicates: Sequence[str] = ("seed",)) -> str | None:
+    """This job's configuration as its sweep's report names it: the values of the keys its -m sweep varies
+    ("schedule=cosine,timesteps=512"), seed, ``replicates`` and NOT_A_SETTING left out; a single run: its settings
+    overrides ("defaults" if none); None outside a Hydra run. Runs with one label are seeds of one configuration."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    given = dict(o.lstrip("+").split("=", 1) for o in hc.overrides.task if "=" in o and not o.startswith("~"))
+    settings = {k: v for k, v in given.items() if not NOT_A_SETTING.match(k) and k not in replicates}
+    if hc.mode == RunMode.MULTIRUN:
+        try:  # the sweep's own command line says which keys it varies
+            parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")])
+            swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+            settings = {k: v for k, v in settings.items() if k in swept}
+        except OverrideParseException:  # an argument Hydra reads differently: every setting then names the configuration
+            pass
+    return ",".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
 
 def _run_name() -> str:
     """The command-line overrides of this job ("schedule=cosine,timesteps=512"), or "default"."""

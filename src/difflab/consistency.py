@@ -31,7 +31,7 @@ class ConsistencyTuning(DiffusionModule):
             raise ConfigError("consistency tuning starts from a trained model: add init_from=<checkpoint | run dir | pretrained>")
         # no context dropout: the student learns the guided samples of each class, the null context is not used
         super().__init__(model, optimizer, lr_scheduler, p_uncond=0.0, channels_last=channels_last, compile=compile)
-        taught_by = load_model(teacher, ema=True, search_dir=Path(search_dir))
+        taught_by = load_model(teacher, search_dir=Path(search_dir))
         taught = (taught_by.config.get("objective") or {}).get("_target_")
         own = model.config["objective"]["prediction"]["_target_"]
         if taught != own:

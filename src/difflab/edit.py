@@ -27,6 +27,7 @@ from difflab.errors import ConfigError
 from difflab.images import grid, save_gif, save_npz, save_png
 from difflab.masks import REGIONS, region
 from difflab.model import DiffusionModel, load_model
+from difflab.phema import ema_length
 from difflab.sample import LabelError, class_index, grid_row, pick_device
 from difflab.sampling import SamplingPlan, SamplingSpec, generate
 from difflab.validate import integer
@@ -138,7 +139,7 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     use_tf32(cfg.get("tf32", True))
     spec = SamplingSpec.from_config(cfg)
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train").to(device)
+    model = load_model(cfg.ckpt, ema_length=ema_length(cfg), search_dir=Path(cfg.paths.log_dir) / "train").to(device)
     plan = spec.bind(model)
     mode = cfg.mode
     label = plain(cfg.label)

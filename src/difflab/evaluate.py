@@ -19,11 +19,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.checkpoint import CheckpointError
-from difflab.config import hydra_choice, instantiate_group, to_container, use_tf32
+from difflab.config import configuration_label, hydra_choice, instantiate_group, to_container, use_tf32
 from difflab.images import grid, save_npz, save_png
-from difflab.loggers import quiet_duplicate_logs, use_wandb_offline_without_key
+from difflab.loggers import quiet_duplicate_logs, start_loggers, use_wandb_offline_without_key
 from difflab.metrics.suite import MetricsConfig, MetricsContext
 from difflab.model import DiffusionModel, load_model
+from difflab.phema import ema_length
 from difflab.results import find_reusable, run_key, score_row, sweep_dir, write_result
 from difflab.sampling import SamplingSpec, eval_plan
 from difflab.scoring import ScoringModule, save_scores
@@ -44,6 +45,12 @@ def data_identity(model: DiffusionModel, cfg: DictConfig, datamodule: Any) -> di
     return saved
 
 
+def started_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = instantiate_group(cfg.get("logger"))
+    start_loggers(loggers, to_container(cfg), configuration_label(list((cfg.get("report") or {}).get("replicates") or ["seed"])))
+    return loggers
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     use_tf32(cfg.get("tf32", True))
     quiet_duplicate_logs()
@@ -52,18 +59,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = SamplingSpec.from_config(cfg)
     if "wandb" in (cfg.get("logger") or {}):
         use_wandb_offline_without_key()
-    model = load_model(cfg.ckpt, ema=cfg.ema, search_dir=Path(cfg.paths.log_dir) / "train")
+    model = load_model(cfg.ckpt, ema_length=ema_length(cfg), search_dir=Path(cfg.paths.log_dir) / "train")
     data_cfg = to_container(cfg.data) if cfg.get("data") else dict(model.config["data"])
     out_dir = Path(cfg.paths.output_dir)
     sampling = {k: v for k, v in spec.bind(model).record().items() if k != "steps_requested"}  # what runs, not what was typed
-    key = run_key({"ckpt": str(model.source.resolve()), "mtime": model.source.stat().st_mtime, "ema": cfg.ema, "n": cfg.n,
+    key = run_key({"ckpt": str(model.source.resolve()), "mtime": model.source.stat().st_mtime, "ema_length": ema_length(cfg), "n": cfg.n,
                    "sampling": sampling, "metrics": to_container(cfg.metrics), "data": data_cfg})
 
     previous = find_reusable(key, sweep_dir(), out_dir)
     if previous is not None:
         row = dict(previous["row"], steps_requested=spec.steps, reused_from=str(Path(previous["output_dir"]).name))
         log.info(f"same effective settings as {row['reused_from']}: reusing its result")
-        return write_result(cfg, row, previous.get("reference"), out_dir, loggers=instantiate_group(cfg.get("logger")))
+        return write_result(cfg, row, previous.get("reference"), out_dir, loggers=started_loggers(cfg))
 
     datamodule = instantiate(data_cfg)
     datamodule.setup("test")
@@ -73,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     mcfg: MetricsConfig = instantiate(cfg.metrics)
     context = MetricsContext(mcfg, datamodule, data_identity(model, cfg, datamodule), conditional=model.num_classes > 0)
 
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = started_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[], enable_checkpointing=False)
     module = ScoringModule(model, spec, samples, context, datamodule.train_set.tensors[0])
     trainer.test(module, verbose=False)
@@ -81,7 +88,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return module.results
     values = module.results
     row = {**score_row(module.plan, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size,
-                     context.scorer), "ema": cfg.ema,
+                     context.scorer), "ema_length": ema_length(cfg),
            "run_key": key, "reused_from": None}
     reference = None
     if cfg.get("reference", True):

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("ckpt", help="a .ckpt, a training run folder, last or pretrained")
     parser.add_argument("out", type=Path, help="the shipped checkpoint (ckpt), or the stem of <out>.onnx and <out>.json (onnx)")
     parser.add_argument("--format", choices=("ckpt", "onnx"), default="ckpt")
+    parser.add_argument("--ema-length", type=float, help="a post-hoc EMA length rebuilt from the run's snapshots (a run trained "
+                        "with callbacks=posthoc_ema), e.g. 0.05; 0: the raw training weights (default: the EMA it trained with)")
     onnx = parser.add_argument_group("onnx", "the sampling baked into the graph")
     onnx.add_argument("--sampler", default="auto", help="a conf/sampler/ name (default auto: dpmpp 15 steps, or consistency 2 "
                       "steps for a consistency model)")
@@ -48,10 +50,11 @@ def main(argv: list[str] | None = None) -> Path:
             (["--sampler"] if args.sampler != "auto" else []) + (["--inpaint"] if args.inpaint else [])
         if given:
             raise ConfigError(f"{', '.join(given)} set the sampling of an ONNX generator: add --format onnx")
-        out = export_weights(src, args.out)
-        print(f"{out}: EMA weights of {src} ({out.stat().st_size / 1e6:.1f} MB)")
+        out = export_weights(src, args.out, ema_length=args.ema_length)
+        what = "EMA weights" if args.ema_length is None else f"the weights of ema.length={args.ema_length}"
+        print(f"{out}: {what} of {src} ({out.stat().st_size / 1e6:.1f} MB)")
         return out
-    onnx_path, meta_path = export_onnx(src, args.out, args.sampler, args.steps, args.guidance, args.batch, args.inpaint)
+    onnx_path, meta_path = export_onnx(src, args.out, args.sampler, args.steps, args.guidance, args.batch, args.inpaint, args.ema_length)
     what = "an inpainting sprite generator" if args.inpaint else "a sprite generator"
     print(f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {meta_path}: {what} from {src}")
     return onnx_path
@@ -73,8 +76,9 @@ def sampling_spec(sampler: str, steps: int | None, guidance: float | None, preci
 
 
 def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None = None, guidance: float | None = None,
-                batch: int | None = None, inpaint: bool = False) -> tuple[Path, Path]:
-    """<out>.onnx and <out>.json for the EMA weights of checkpoint ``src``; nothing is written when a check fails."""
+                batch: int | None = None, inpaint: bool = False, ema_length: float | None = None) -> tuple[Path, Path]:
+    """<out>.onnx and <out>.json for the EMA weights of checkpoint ``src`` (``ema_length``: as load_model's); nothing is
+    written when a check fails."""
     try:
         import onnx
     except ImportError as err:
@@ -85,13 +89,13 @@ def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None =
     from difflab.model import load_model
 
     saved = load_checkpoint(src)
-    if "current_model_state" not in saved and "difflab_export" not in saved:
+    if ema_length is None and "current_model_state" not in saved and "difflab_export" not in saved:
         # net_state_dict would hand out the raw training weights under the EMA name
         raise CheckpointError(f"{src} holds no EMA weights (trained without callbacks.ema): export a checkpoint of a run "
                               "with the EMA callback (the default callbacks), or fine-tune one with it")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch {batch}: must be an integer >= 1 (or leave it out for any batch size)")
-    model = load_model(src, ema=True)
+    model = load_model(src, ema_length=ema_length)
     distilled = model.objective.distilled_guidance
     spec = sampling_spec(sampler, steps, distilled if guidance is None and distilled is not None else guidance)
     generator = SpriteGenerator(model, spec, inpaint).eval()
@@ -105,7 +109,7 @@ def export_onnx(src: Path, out: Path, sampler: str = "auto", steps: int | None =
     onnx_path, meta_path = Path(f"{stem}.onnx"), Path(f"{stem}.json")
     axis = "batch" if batch is None else batch
     meta = {
-        "onnx": onnx_path.name, "source": src.name, "class_names": model.class_names if conditional else [],
+        "onnx": onnx_path.name, "source": src.name, "ema_length": ema_length, "class_names": model.class_names if conditional else [],
         "inputs": {"noise": [axis, generator.draws, c, h, w], **({"labels": [axis]} if conditional else {}),
                    **({"source": [axis, h, w, c], "fill": [axis, h, w]} if inpaint else {})},
         "image_shape": [c, h, w], "noise_draws": generator.draws, "batch": batch, "sampling": record,

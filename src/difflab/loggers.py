@@ -24,6 +24,23 @@ def use_wandb_offline_without_key() -> None:
     log.info("W&B: no API key found, logging offline (sync later with `wandb sync <run>/wandb/offline-run-*`)")
 
 
+# each quality figure's direction: the W&B runs table summarises val/, final/ and eval/ figures by their best value
+DIRECTIONS = {"fd": "min", "kid": "min", "memorized": "min", "cond_acc": "max"}
+
+
+def start_loggers(loggers: Sequence[Any], config: dict[str, Any], configuration: str | None) -> None:
+    """The run's config, with ``configuration`` (the report's name for its settings: W&B groups a configuration's seeds
+    by it), to every logger; on W&B, the direction of each quality figure."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        logger.log_hyperparams({**config, "configuration": configuration})
+        if isinstance(logger, WandbLogger):
+            for prefix in ("val", "final", "eval"):
+                for name, best in DIRECTIONS.items():
+                    logger.experiment.define_metric(f"{prefix}/{name}", summary=best)
+
+
 def finish_wandb(loggers: Sequence[Any]) -> None:
     """Close the W&B run: otherwise the next job of a -m sweep (same process) would log into it."""
     from lightning.pytorch.loggers import WandbLogger

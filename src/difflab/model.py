@@ -17,7 +17,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 
-from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint
+from difflab.checkpoint import check_compatible, load_checkpoint, net_weights, resolve_checkpoint
 from difflab.config import PROJECT_ROOT
 from difflab.diffusion import Denoiser, Level
 from difflab.errors import ConfigError
@@ -126,15 +126,14 @@ def build_model(config: Mapping[str, Any], class_names: Sequence[str] | None = N
     return DiffusionModel(net, schedule, objective, class_names, config, data, source)
 
 
-def load_model(ckpt: str | Path, ema: bool = True, search_dir: str | Path = PROJECT_ROOT / "logs" / "train") -> DiffusionModel:
+def load_model(ckpt: str | Path, ema_length: float | None = None, search_dir: str | Path = PROJECT_ROOT / "logs" / "train") -> DiffusionModel:
     """The model a checkpoint holds: ``ckpt`` is a .ckpt file, a training run folder, "last" (the newest last.ckpt under
-    ``search_dir``) or "pretrained" (the shipped sprites model); ``ema``: its EMA weights (else the raw training ones)."""
-    if not isinstance(ema, bool):
-        raise ConfigError(f"ema={ema!r}: true (the EMA weights) or false (the raw training weights)")
+    ``search_dir``) or "pretrained" (the shipped sprites model); ``ema_length``: None, the EMA weights it trained with; 0,
+    the raw training weights; else the post-hoc EMA of that length (difflab.phema, a run trained with its snapshots)."""
     path = resolve_checkpoint(ckpt, search_dir)
     saved = load_checkpoint(path)
     model = build_model(saved["difflab_config"], saved.get("class_names"), saved.get("difflab_data"), path)
-    weights = net_state_dict(saved, ema=ema)
+    weights = net_weights(saved, path, ema_length)
     check_compatible(model.net, weights)
     model.net.load_state_dict(weights)
     model.net.eval()

@@ -28,6 +28,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.config import NOT_A_SETTING
 from difflab.errors import DifflabError
 from difflab.metrics.intervals import (
     FrechetToReal,
@@ -35,6 +36,7 @@ from difflab.metrics.intervals import (
     balanced_accuracy,
     bootstrap,
     counts,
+    holm,
     percentile_interval,
     t_interval,
     welch_interval,
@@ -45,13 +47,11 @@ log = logging.getLogger(__name__)
 # figure -> (title, lower is better); the first three get a verdict
 FIGURES = {"fd": ("FD", True), "cond_acc": ("balanced acc", False), "kid": ("KID", True), "memorized": ("memorized", True)}
 VERDICT_FIGURES = ("fd", "cond_acc", "kid")
+ALPHA = 0.05  # the level of every verdict (its intervals are 95%)
+UNEQUAL_STEPS = 0.02  # configurations whose mean step counts differ by more than this share get the line that says so
 # the values a figure can take: a t interval over three seeds of accuracies near 1 reaches past 1, and the mean it
 # brackets cannot, so a level's interval is cut to the range (KID, an unbiased estimate, can be negative: no bounds)
 RANGES = {"fd": (0.0, math.inf), "cond_acc": (0.0, 1.0), "memorized": (0.0, 1.0)}
-# overrides that do not make a configuration: where things go, how they are logged, what the report compares against
-NOT_A_SETTING = re.compile(r"^(seed|ckpt_path|logger|hydra\..*|hydra/.*|paths\..*|report\..*|trainer\.devices|trainer\.accelerator|"
-                           r"trainer\.enable_progress_bar|metrics\.(classifier_ckpt|classifiers_dir|cache_dir)|data\.(root|path))$")
-
 
 class ReportError(DifflabError, ValueError):
     """Nothing to report on, or runs that cannot be compared."""
@@ -62,7 +62,9 @@ class Run:
     folder: Path
     kind: str  # "train" (final.json) or "evaluate" (result.json)
     summary: dict[str, Any]
-    overrides: dict[str, str]
+    overrides: dict[str, str]  # the settings (seed and NOT_A_SETTING left out)
+    given: dict[str, str] = field(default_factory=dict)  # every override of its command line
+    replicates: tuple[str, ...] = ("seed",)  # what makes this run one replicate of its configuration (configurations sets it)
     _draws: dict[tuple[str, int], np.ndarray | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -78,8 +80,11 @@ class Run:
         return (self.summary.get("config") or {}).get("seed")
 
     @property
-    def key(self) -> int | str:
-        return self.seed if self.seed is not None else str(self.folder)
+    def key(self) -> tuple[Any, ...] | str:
+        """Its replicate (seed; or e.g. (seed, ckpt)): runs of two configurations with equal keys are paired. A run
+        without a seed pairs with nothing (its folder)."""
+        parts = [self.seed if k == "seed" else self.given.get(k) for k in self.replicates]
+        return str(self.folder) if any(v is None for v in parts) else tuple(parts)
 
     @property
     def data(self) -> str:
@@ -131,25 +136,35 @@ class Run:
         return sorted(points)
 
 
-def read_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Every finished run under the given folders (a sweep folder, run folders), in the order given, a sweep's in job order."""
+def read_runs(paths: Sequence[str | Path], left_out: list[tuple[Path, str]] | None = None) -> list[Run]:
+    """Every finished run under the given folders (a sweep folder, run folders), in the order given, a sweep's in job order.
+    ``left_out`` gets (folder, why) for each job folder that is not one: its final.json / result.json unreadable, or none."""
     found: list[Path] = []
+    jobs: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
             raise ReportError(f"{p}: no such folder; give a sweep folder (logs/train/multiruns/...) or run folders")
         found += sorted((f for f in p.rglob("*.json") if f.name in ("final.json", "result.json") and f.parent.name != "wandb"),
                         key=_job_order)
+        jobs += sorted((f.parent.parent for f in p.rglob(".hydra/overrides.yaml")), key=lambda j: _job_order(j / "x"))
     runs = []
     for path in dict.fromkeys(found):
         try:
             summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(summary, dict):
+                raise ValueError(f"holds a {type(summary).__name__}, not a result")
+        except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+            if left_out is not None:
+                left_out.append((path.parent, f"{path.name} unreadable ({err})"))
             continue
         overrides_file = path.parent / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
         parsed = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
         runs.append(Run(path.parent, "train" if path.name == "final.json" else "evaluate", summary,
-                        {k: v for k, v in parsed.items() if not NOT_A_SETTING.match(k)}))
+                        {k: v for k, v in parsed.items() if not NOT_A_SETTING.match(k)}, parsed))
+    if left_out is not None:
+        have = {p.parent for p in found}
+        left_out += [(j, "no final.json or result.json: the job did not finish") for j in dict.fromkeys(jobs) if j not in have]
     if not runs:
         raise ReportError(f"no finished runs (final.json or result.json) under {', '.join(map(str, paths))}: train or evaluate first")
     return runs
@@ -166,8 +181,8 @@ class Configuration:
     label: str
     runs: list[Run] = field(default_factory=list)
 
-    def values(self, figure: str) -> dict[int | str, float]:
-        """By seed (runs with seed=null by their folder: they pair with nothing)."""
+    def values(self, figure: str) -> dict[tuple[Any, ...] | str, float]:
+        """By replicate (Run.key: the seed, or e.g. (seed, ckpt); runs with seed=null by their folder: they pair with nothing)."""
         return {r.key: float(r.row[figure]) for r in self.runs if isinstance(r.row.get(figure), (int, float))}
 
     def mean(self, key: str, source: str = "training") -> float | None:
@@ -176,8 +191,16 @@ class Configuration:
         return float(np.mean(found)) if found else None
 
 
-def configurations(runs: list[Run]) -> list[Configuration]:
-    """Runs grouped by the overrides that differ between them (seed left out), in order of first appearance."""
+def configurations(runs: list[Run], replicates: Sequence[str] = ("seed",)) -> list[Configuration]:
+    """Runs grouped by the overrides that differ between them, in order of first appearance; the ``replicates`` (the seed,
+    and e.g. ckpt for evaluations of several training runs of one recipe) are left out: their runs are pooled."""
+    replicates = tuple(dict.fromkeys(["seed", *replicates]))
+    for key in replicates[1:]:
+        if not any(key in r.given for r in runs):
+            raise ReportError(f"report.replicates names {key}, which no run's command line sets: give keys of the sweep, e.g. "
+                              "report.replicates=[seed,ckpt]")
+    for r in runs:
+        r.replicates = replicates
     kinds = {r.kind for r in runs}
     if len(kinds) > 1:
         raise ReportError("training runs and evaluate.py runs in one report: report on each kind of folder apart")
@@ -191,7 +214,7 @@ def configurations(runs: list[Run]) -> list[Configuration]:
         raise ReportError(f"these runs were scored by networks with different weights (scorer {', '.join(sorted(scorers))}: a "
                           "retrained classifier is another ruler): re-score them under one with python evaluate.py ckpt=<run> "
                           "metrics.classifier_ckpt=<file>")
-    keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    keys = [k for k in dict.fromkeys(k for r in runs for k in r.overrides) if k not in replicates]
     varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
     groups: dict[str, Configuration] = {}
     for r in runs:
@@ -228,12 +251,14 @@ def difference(config: Configuration, base: Configuration, figure: str, draws: i
     a, b = config.values(figure), base.values(figure)
     if not a or not b:
         return None
-    common = sorted(k for k in set(a) & set(b) if isinstance(k, int))
+    common = sorted((k for k in set(a) & set(b) if isinstance(k, tuple)), key=str)
+    unit = "seeds" if config.runs[0].replicates == ("seed",) else "replicates"
     if len(a) >= 2 and len(b) >= 2:
         if len(common) >= 2:
             found = t_interval([a[s] - b[s] for s in common])
-            return Interval(found.value, found.lo, found.hi, f"paired t over {len(common)} seeds")
-        return welch_interval(list(a.values()), list(b.values()))
+            return Interval(found.value, found.lo, found.hi, f"paired t over {len(common)} {unit}", found.p)
+        found = welch_interval(list(a.values()), list(b.values()))
+        return Interval(found.value, found.lo, found.hi, found.method.replace("seeds", unit), found.p)
     sides = []
     for side, values in ((config, a), (base, b)):
         runs = [r for r in side.runs if r.key in values]
@@ -246,10 +271,12 @@ def difference(config: Configuration, base: Configuration, figure: str, draws: i
     return percentile_interval(value, sides[0] - sides[1], method=f"bootstrap over images ({seeds} seed: sampling noise only)")
 
 
-def verdict(diff: Interval | None, figure: str) -> str:
+def verdict(diff: Interval | None, figure: str, adjusted_p: float | None = None) -> str:
+    """better / worse: the difference's interval excludes 0 and, where a report asked several questions, Holm's adjusted
+    p-value is under 0.05 as well; else within noise."""
     if diff is None or math.isnan(diff.lo):
         return "no interval"
-    if not diff.excludes_zero():
+    if not diff.excludes_zero() or (adjusted_p is not None and not adjusted_p < ALPHA):
         return "within noise"
     lower_is_better = FIGURES[figure][1]
     return "better" if (diff.hi < 0) == lower_is_better else "worse"
@@ -290,19 +317,22 @@ def _signed(i: Interval | None) -> str:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path | None = None, baseline: str | None = None, draws: int = 1000,
-                 command: str | None = None) -> Path:
-    """report.md, curves.png and grids.png in ``out`` (default: the first folder); -> report.md."""
-    runs = read_runs(paths)
-    configs = configurations(runs)
+                 command: str | None = None, replicates: Sequence[str] = ("seed",)) -> Path:
+    """report.md, report.json (its tables), curves.png, grids.png and settings.png in ``out`` (default: the first folder);
+    -> report.md."""
+    left_out: list[tuple[Path, str]] = []
+    runs = read_runs(paths, left_out)
+    configs = configurations(runs, replicates)
     base = pick_baseline(configs, baseline)
     out = Path(out or paths[0])
     out.mkdir(parents=True, exist_ok=True)
     kind = runs[0].kind
     figures = [f for f in FIGURES if any(f in r.row for r in runs)]
+    unit = "seeds" if runs[0].replicates == ("seed",) else "replicates"
 
-    head = ["configuration", "seeds"] + (["steps", "wall time", "images seen", "val/loss"] if kind == "train" else [])
+    head = ["configuration", unit] + (["steps", "wall time", "images seen", "val/loss"] if kind == "train" else [])
     head += [FIGURES[f][0] for f in figures] + ["weakest class"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    results = []
     for c in configs:
         cells = [c.label + (" (baseline)" if c is base else ""), str(len(c.runs))]
         if kind == "train":
@@ -310,44 +340,88 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, bas
             cells += [_count(c.mean("train_steps")), _duration(seconds), _count(c.mean("images_seen")), _fmt(c.mean("val_loss"))]
         cells += [_with_interval(interval(c, f, draws)) for f in figures]
         cells.append(_weakest(c))
-        lines.append("| " + " | ".join(cells) + " |")
+        results.append(cells)
 
-    verdicts = ["| configuration | " + " | ".join(f"{FIGURES[f][0]}: difference [95%]" for f in VERDICT_FIGURES if f in figures)
-                + " | rests on |", "|" + "---|" * (2 + sum(f in figures for f in VERDICT_FIGURES))]
-    words = {}
+    # every question the report asks (configuration x figure) gets its p-value corrected for the others (Holm)
+    asked = [f for f in VERDICT_FIGURES if f in figures]
+    diffs = {(c.label, f): difference(c, base, f, draws) for c in configs if c is not base for f in asked}
+    tested = [k for k, d in diffs.items() if d is not None and not math.isnan(d.lo) and not math.isnan(d.p)]
+    adjusted = dict(zip(tested, holm([diffs[k].p for k in tested])))
+    verdict_head = ["configuration", *(f"{FIGURES[f][0]}: difference [95%]" for f in asked), "rests on"]
+    verdicts, power = [], []
     for c in configs:
         if c is base:
             continue
-        cells, methods = [c.label], set()
-        for f in (f for f in VERDICT_FIGURES if f in figures):
-            diff = difference(c, base, f, draws)
-            words[(c.label, f)] = verdict(diff, f)
-            word = words[(c.label, f)]
-            cells.append("" if diff is None else f"{_signed(diff)} (no interval)" if word == "no interval" else f"{_signed(diff)} **{word}**")
-            if diff is not None and word != "no interval":
+        cells, methods, smallest = [c.label], set(), [c.label]
+        for f in asked:
+            diff = diffs[(c.label, f)]
+            word = verdict(diff, f, adjusted.get((c.label, f)))
+            if diff is None:
+                cells.append("")
+            elif word == "no interval":
+                cells.append(f"{_signed(diff)} (no interval)")
+            else:
+                cells.append(f"{_signed(diff)} p {_p(diff.p)}, Holm {_p(adjusted[(c.label, f)])} **{word}**"
+                             if (c.label, f) in adjusted else f"{_signed(diff)} **{word}**")
                 methods.add(diff.method)
+            smallest.append("" if diff is None or math.isnan(diff.lo) else f"±{_fmt(diff.half_width)}")
         cells.append("; ".join(sorted(methods)))
-        verdicts.append("| " + " | ".join(cells) + " |")
+        verdicts.append(cells)
+        power.append(smallest)
 
-    plots = _plots(configs, kind, out)
-    seeds = sorted({len(c.runs) for c in configs})
-    command = command or "python -m difflab.report " + " ".join(str(p) for p in paths) + (f' --baseline "{baseline}"' if baseline else "")
+    plots = _plots(configs, kind, out) + _by_setting(configs, figures, draws, out)
+    counts = sorted({len(c.runs) for c in configs})
+    what = {"seeds": "Seeds", "replicates": f"Replicates ({', '.join(runs[0].replicates)})"}[unit]
+    command = command or "python -m difflab.report " + " ".join(str(p) for p in paths) + (f' --baseline "{baseline}"' if baseline else "") \
+        + (f" --replicates {','.join(replicates)}" if tuple(replicates) != ("seed",) else "")
     text = [f"# Report: {len(runs)} {'training runs' if kind == 'train' else 'evaluations'} in {len(configs)} configurations",
-            "", f"Folders: {', '.join(str(p) for p in paths)}. Seeds per configuration: {', '.join(map(str, seeds))}. "
+            "", f"Folders: {', '.join(str(p) for p in paths)}. {what} per configuration: {', '.join(map(str, counts))}. "
             f"Features: {runs[0].row.get('feature', '?')}, n = {runs[0].row.get('n', '?')} samples per run "
             f"({runs[0].row.get('sampler', '?')} {runs[0].row.get('steps', '')} steps, guidance {runs[0].row.get('guidance', '?')}).",
-            "", f"Regenerate: `{command}`", "", "## Results", "", *lines, "",
-            f"## Against the baseline: {base.label}", ""]
-    text += verdicts if len(configs) > 1 else ["(one configuration: nothing to compare)"]
+            "", f"Regenerate: `{command}`", ""]
+    text += [f"Left out: {len(left_out)} run folder(s) that are not finished runs:", "",
+             *(f"- `{folder}`: {why}" for folder, why in left_out), ""] if left_out else []
+    text += ["## Results", "", *_table(head, results), ""]
+    text += _unequal_steps(configs) if kind == "train" else []
+    text += [f"## Against the baseline: {base.label}", ""]
+    text += _table(verdict_head, verdicts) if len(configs) > 1 else ["(one configuration: nothing to compare)"]
+    if len(configs) > 1:
+        text += ["", "Smallest difference each comparison could have detected (the half-width of its 95% interval: a measured "
+                 "difference smaller than this cannot be told from noise):", "", *_table(["configuration", *(FIGURES[f][0] for f in asked)], power)]
     text += ["", *(f"![{name}]({name}.png)" for name in plots), "",
-             "Methods: intervals are 95%. With 2 or more seeds, Student's t over the seeds' values (a difference: the paired t "
-             "interval of the per-seed differences where both ran the same seeds, else Welch's). With one run, a percentile "
+             f"Methods: intervals are 95%. With 2 or more {unit}, Student's t over their values (a difference: the paired t "
+             f"interval of the per-{unit[:-1]} differences where both ran the same {unit}, else Welch's). With one run, a percentile "
              "bootstrap (resampling the generated images within each class, FD recomputed against the same real features): it "
-             "covers the sampling noise of that one model, not what another training seed would give. better / worse: the "
-             "interval of the difference excludes 0; within noise: it does not."]
+             "covers the sampling noise of that one model, not what another training seed would give. "
+             f"{len(tested)} comparisons (configurations x figures) are corrected together by Holm's method: better / worse "
+             "where the interval of the difference excludes 0 and the Holm-adjusted p-value is under 0.05; within noise "
+             "otherwise."]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")
+    tables = {"results": {"columns": head, "rows": results}, "verdicts": {"columns": verdict_head, "rows": verdicts},
+              "detectable": {"columns": ["configuration", *(FIGURES[f][0] for f in asked)], "rows": power},
+              "left_out": {"columns": ["folder", "why"], "rows": [[str(f), w] for f, w in left_out]}}
+    (out / "report.json").write_text(json.dumps({"baseline": base.label, "tables": tables}, indent=2) + "\n")
     return path
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+
+
+def _unequal_steps(configs: list[Configuration]) -> list[str]:
+    """A line when the configurations made different numbers of steps (a time budget lets a faster one train longer)."""
+    means = {c.label: c.mean("train_steps") for c in configs}
+    if any(v is None for v in means.values()) or min(means.values()) <= 0 or max(means.values()) / min(means.values()) <= 1 + UNEQUAL_STEPS:
+        return []
+    each = "; ".join(f"{c.label}: {'/'.join(_count(r.training.get('train_steps')) for r in c.runs)}" for c in configs)
+    return [f"Unequal training: the configurations made different numbers of steps ({each}). Under a time budget a faster "
+            "configuration trains longer, so each difference below is that of the setting together with its speed; compare "
+            "at equal steps (trainer.max_steps) to separate them.", ""]
 
 
 def _duration(seconds: float | None) -> str:
@@ -424,6 +498,58 @@ def _plots(configs: list[Configuration], kind: str, out: Path) -> list[str]:
     return made
 
 
+def _by_setting(configs: list[Configuration], figures: list[str], draws: int, out: Path) -> list[str]:
+    """settings.png: where the configurations differ in one numeric setting (ema.length=0.02,0.05,...; steps=10,25,50),
+    FD and balanced accuracy against it with their intervals; a configuration whose value is not a number (null: the
+    checkpoint's own EMA, auto) as a horizontal line and band."""
+    keys = {c.label.split("=", 1)[0] for c in configs}
+    if len(keys) != 1 or any("," in c.label or "=" not in c.label for c in configs):
+        return []
+    key = keys.pop()
+    numeric = {}
+    for c in configs:
+        try:
+            numeric[c.label] = float(c.label.split("=", 1)[1])
+        except ValueError:
+            pass
+    shown = [f for f in ("fd", "cond_acc") if f in figures]
+    if len(numeric) < 3 or not shown:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 3.8), squeeze=False)
+    for ax, f in zip(axes[0], shown):
+        xs, ys, lo, hi = [], [], [], []
+        for c in configs:
+            i = interval(c, f, draws)
+            if i is None:
+                continue
+            if c.label in numeric:
+                xs.append(numeric[c.label])
+                ys.append(i.value)
+                lo.append(i.value - i.lo if not math.isnan(i.lo) else 0)
+                hi.append(i.hi - i.value if not math.isnan(i.hi) else 0)
+            else:
+                line = ax.axhline(i.value, ls="--", lw=1, color="gray", label=c.label)
+                if not math.isnan(i.lo):
+                    ax.axhspan(i.lo, i.hi, color=line.get_color(), alpha=0.15)
+        order = np.argsort(xs)
+        ax.errorbar(np.array(xs)[order], np.array(ys)[order], yerr=[np.array(lo)[order], np.array(hi)[order]], fmt="o-",
+                    capsize=3, label="95% interval")
+        if min(xs) > 0 and max(xs) / min(xs) > 4:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_title(FIGURES[f][0] + (" (lower is better)" if FIGURES[f][1] else " (higher is better)"))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "settings.png", dpi=90)
+    plt.close(fig)
+    return ["settings"]
+
+
 def _band(ax: Any, curves: list[list[tuple[float, float]]], color: str, label: str) -> None:
     """The mean of the seeds' curves on a common x grid, with the band between the lowest and highest seed."""
     lo, hi = max(cv[0][0] for cv in curves), min(cv[-1][0] for cv in curves)
@@ -445,9 +571,11 @@ class SweepReport(Callback):
         folder = Path(str(config.hydra.sweep.dir))
         settings = config.get("report") or {}
         baseline = settings.get("baseline")
-        command = f"python -m difflab.report {folder}" + (f' --baseline "{baseline}"' if baseline else "")
+        replicates = [str(k) for k in settings.get("replicates") or ["seed"]]
+        command = f"python -m difflab.report {folder}" + (f' --baseline "{baseline}"' if baseline else "") + \
+            (f" --replicates {','.join(replicates)}" if replicates != ["seed"] else "")
         try:
-            path = write_report([folder], folder, baseline, int(settings.get("draws", 1000)), command)
+            path = write_report([folder], folder, baseline, int(settings.get("draws", 1000)), command, replicates)
         except DifflabError as err:
             print(f"\nno sweep report: {err}")
             return
@@ -466,8 +594,10 @@ def log_to_wandb(config: DictConfig, folder: Path, report: Path) -> None:
     group = f"{config.hydra.job.name}-{folder.name}"  # as the runs' group (difflab_sweep_group)
     run = wandb.init(project=config.logger.wandb.get("project", "difflab"), group=group, name=f"report-{folder.name}",
                      job_type="report", dir=str(folder), reinit=True)
+    tables = json.loads((report.parent / "report.json").read_text())["tables"]
     run.log({"report": wandb.Html(f"<pre>{report.read_text()}</pre>"),
-             **{f"report/{p.stem}": wandb.Image(str(p)) for p in sorted(folder.glob("*.png")) if p.stem in ("curves", "grids")}})
+             **{f"report/{name}": wandb.Table(columns=t["columns"], data=t["rows"]) for name, t in tables.items() if t["rows"]},
+             **{f"report/{p.stem}": wandb.Image(str(p)) for p in sorted(folder.glob("*.png")) if p.stem in ("curves", "grids", "settings")}})
     run.finish()
 
 
@@ -477,8 +607,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--baseline", help='the configuration to compare with, as key=value[,key=value] (default: the first)')
     parser.add_argument("--out", help="where report.md and its plots go (default: the first folder)")
     parser.add_argument("--draws", type=int, default=1000, help="bootstrap draws (default 1000)")
+    parser.add_argument("--replicates", default="seed", help="what is pooled within a configuration and pairs two of them, "
+                        "comma-separated (default seed; seed,ckpt: evaluations of several training runs of one recipe)")
     args = parser.parse_args(argv)
-    path = write_report(args.folders, args.out, args.baseline, args.draws)
+    path = write_report(args.folders, args.out, args.baseline, args.draws, replicates=args.replicates.split(","))
     print(path.read_text())
     print(f"written: {path}")
     return path

@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 
 from difflab.budget import RunClock, TimeBudget
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint, with_cond_inputs
-from difflab.config import hydra_choice, instantiate_group, to_container, use_tf32
+from difflab.config import configuration_label, hydra_choice, instantiate_group, to_container, use_tf32
 from difflab.ddp import use_job_command_for_ddp_ranks
 from difflab.errors import ConfigError
-from difflab.loggers import finish_wandb, quiet_duplicate_logs, use_wandb_offline_without_key
+from difflab.loggers import finish_wandb, quiet_duplicate_logs, start_loggers, use_wandb_offline_without_key
 from difflab.model import build_model
 from difflab.results import score_row, write_final
 from difflab.resume import FinalCheckpoint, Preemption, RandomStates, checkpoint_dir, own_checkpoint
@@ -159,8 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     note = global_batch_note(trainer.world_size, cfg.data.batch_size, cfg.optim.optimizer.get("lr"))
     if note:
         rank_zero_warn(note)
-    for logger in loggers:
-        logger.log_hyperparams(to_container(cfg))
+    start_loggers(loggers, to_container(cfg), configuration_label(list((cfg.get("report") or {}).get("replicates") or ["seed"])))
 
     env = dict(os.environ)
     out = Path(cfg.paths.output_dir)

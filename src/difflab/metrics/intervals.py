@@ -23,9 +23,21 @@ class Interval:
     lo: float
     hi: float
     method: str  # "t over 3 seeds", "bootstrap over 1000 images", ...
+    p: float = math.nan  # two-sided p-value of "the true value is 0" (what a difference's interval is read against)
 
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
+
+    @property
+    def half_width(self) -> float:
+        """The smallest difference this interval could have told from 0 (at its level), as (hi - lo) / 2."""
+        return (self.hi - self.lo) / 2
+
+
+def _t_p(mean: float, se: float, df: float) -> float:
+    if se == 0:
+        return 0.0 if mean != 0 else 1.0
+    return float(2 * stats.t.sf(abs(mean) / se, df))
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
@@ -34,8 +46,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     n = len(x)
     if n < 2:
         return Interval(float(x.mean()) if n else math.nan, math.nan, math.nan, f"t over {n} seed")
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
-    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), f"t over {n} seeds")
+    se = x.std(ddof=1) / math.sqrt(n)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * se
+    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), f"t over {n} seeds", _t_p(x.mean(), se, n - 1))
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
@@ -44,18 +57,32 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     diff = float(a.mean() - b.mean())
     if va + vb == 0:
-        return Interval(diff, diff, diff, f"Welch t over {len(a)} and {len(b)} seeds")
+        return Interval(diff, diff, diff, f"Welch t over {len(a)} and {len(b)} seeds", _t_p(diff, 0.0, 1))
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = stats.t.ppf(0.5 + level / 2, df) * math.sqrt(va + vb)
-    return Interval(diff, diff - half, diff + half, f"Welch t over {len(a)} and {len(b)} seeds")
+    return Interval(diff, diff - half, diff + half, f"Welch t over {len(a)} and {len(b)} seeds", _t_p(diff, math.sqrt(va + vb), df))
 
 
 def percentile_interval(value: float, draws: np.ndarray, level: float = 0.95, method: str = "bootstrap") -> Interval:
     """The central ``level`` of the draws, moved by the draws' bias (their median minus ``value``): a resample repeats
-    images, which alone raises FD, and the shift keeps the interval around the figure it describes."""
+    images, which alone raises FD, and the shift keeps the interval around the figure it describes. p: twice the share of
+    the shifted draws on the far side of 0 (the smallest level whose percentile interval reaches 0)."""
     lo, median, hi = np.quantile(draws, [0.5 - level / 2, 0.5, 0.5 + level / 2])
     bias = median - value
-    return Interval(float(value), float(lo - bias), float(hi - bias), method)
+    shifted = np.asarray(draws, dtype=np.float64) - bias
+    tail = min(np.count_nonzero(shifted <= 0), np.count_nonzero(shifted >= 0))
+    return Interval(float(value), float(lo - bias), float(hi - bias), method, min(1.0, 2 * (tail + 1) / (len(shifted) + 1)))
+
+
+def holm(p: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: the i-th smallest times (m - i + 1), made monotone, capped at 1. Rejecting
+    where the adjusted p < alpha keeps the chance of any false "better"/"worse" among the m at most alpha."""
+    m = len(p)
+    adjusted, running = [math.nan] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def counts(index: np.ndarray, n: int) -> np.ndarray:
