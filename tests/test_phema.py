@@ -166,7 +166,7 @@ def test_every_entry_point_takes_ema_length(phema_run, tmp_path):
 def test_an_ema_length_sweep_ends_in_a_report_with_the_plot(phema_run, tmp_path):
     from support import run_script
 
-    proc = run_script("evaluate.py", "-m", f"ckpt={phema_run}", "ema.length=null,0.05,0.1,0.15", "n=16", "batch_size=8", "steps=2",
+    proc = run_script("evaluate.py", "-m", f"ckpt={phema_run}", "ema.length=null,0.05,0.1", "n=16", "batch_size=8", "steps=2",
                       "reference=false", f"metrics.classifier_ckpt={phema_run / 'clf.ckpt'}", f"metrics.cache_dir={tmp_path / 'cache'}",
                       "metrics.kid_subsets=5", "trainer.enable_progress_bar=false", 'report.baseline="ema.length=null"',
                       f"hydra.sweep.dir={tmp_path / 'sweep'}")

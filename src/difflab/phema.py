@@ -161,7 +161,7 @@ class PostHocEMA(L.Callback):
     optimizer steps (or every ``every_n_images`` training images) and at the end, into <run folder>/phema/.
 
     Costs: len(stds) float32 copies of the parameters in memory, and as much disk per snapshot (4.5M parameters, two
-    profiles: 36 MB). The profiles are in the checkpoints, so a resumed run continues them exactly; every DDP rank keeps
+    profiles: 38.6 MB). The profiles are in the checkpoints, so a resumed run continues them exactly; every DDP rank keeps
     its own (the weights are the same on every rank) and global rank 0 writes."""
 
     def __init__(self, stds: Sequence[float] = (0.05, 0.10), every_n_steps: int | None = None, every_n_images: int | None = None) -> None:

@@ -513,7 +513,7 @@ def _by_setting(configs: list[Configuration], figures: list[str], draws: int, ou
         except ValueError:
             pass
     shown = [f for f in ("fd", "cond_acc") if f in figures]
-    if len(numeric) < 3 or not shown:
+    if len(numeric) < 2 or not shown:
         return []
     import matplotlib
 
@@ -538,9 +538,16 @@ def _by_setting(configs: list[Configuration], figures: list[str], draws: int, ou
                     ax.axhspan(i.lo, i.hi, color=line.get_color(), alpha=0.15)
         order = np.argsort(xs)
         ax.errorbar(np.array(xs)[order], np.array(ys)[order], yerr=[np.array(lo)[order], np.array(hi)[order]], fmt="o-",
-                    capsize=3, label="95% interval")
+                    capsize=3, label="mean, 95% interval")
+        on_x = [c for c in configs if c.label in numeric]
+        shared = set.intersection(*(set(c.values(f)) for c in on_x))
+        for n, replicate in enumerate(sorted((k for k in shared if isinstance(k, tuple)), key=str)):  # each across the values
+            points = sorted((numeric[c.label], c.values(f)[replicate]) for c in on_x)
+            ax.plot(*zip(*points), "-", color="gray", lw=0.8, alpha=0.7, label="each replicate" if n == 0 else None)
         if min(xs) > 0 and max(xs) / min(xs) > 4:
             ax.set_xscale("log")
+            ax.set_xticks(sorted(xs), [f"{x:g}" for x in sorted(xs)])
+            ax.minorticks_off()
         ax.set_xlabel(key)
         ax.set_title(FIGURES[f][0] + (" (lower is better)" if FIGURES[f][1] else " (higher is better)"))
         ax.legend(fontsize=8)
