@@ -124,6 +124,7 @@ CASES = [
     ("train_classifier.py", ["data.val_size=2.5"], "data.val_size=2.5: give a fraction in (0, 1)"),
     ("train_classifier.py", ["lr=0"], "lr=0: must be a finite number >= 1e-12"),
     ("train_classifier.py", ["trainer.precision=bf17"], "trainer.precision=bf17"),
+    ("train_classifier.py", ["trainer.max_epochs=-1"], "trainer.max_epochs=-1: must be an integer >= 1"),
     ("train_classifier.py", ["data.path={nan}"], "label row 7 is not finite"),
 ]
 

@@ -41,6 +41,8 @@ def held_out_report(net: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 def train_classifier(cfg: DictConfig) -> dict[str, Any]:
     check_trainer_config(cfg.trainer)
     number("lr", cfg.lr, 1e-12, hint=" (e.g. lr=3e-3)")
+    # the one-cycle LR schedule is laid over the epochs, so they must be known before the first step
+    integer("trainer.max_epochs", cfg.trainer.max_epochs, 1, " (the classifier's LR schedule spans its epochs, e.g. trainer.max_epochs=15)")
     integer("seed", cfg.seed, 0)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
