@@ -68,7 +68,7 @@ def run(steps: int, accelerator: str, sync: bool = False, extra: dict | None = N
     return (steps - 5) / guard_cost.SECONDS[-1]
 
 
-def paired(description: str, measure, **more: int) -> tuple[argparse.Namespace, dict[bool, list[float]]]:
+def paired(description: str, measure, **more: int) -> tuple[argparse.Namespace, str, dict[bool, list[float]]]:
     """The CLI both cost benches share (--steps --rounds --device and ``more`` integer options), and steps/s of
     ``measure(args, accelerator, on)`` without and with the thing measured, interleaved over the rounds."""
     p = argparse.ArgumentParser(description=description)
@@ -83,12 +83,11 @@ def paired(description: str, measure, **more: int) -> tuple[argparse.Namespace, 
     for _ in range(args.rounds):
         for on in (False, True):
             speeds[on].append(measure(args, accelerator, on))
-    return args, speeds
+    return args, accelerator, speeds
 
 
 def main() -> None:
-    args, speeds = paired(__doc__.split("\n\n")[0], lambda a, accelerator, sync: run(a.steps, accelerator, sync))
-    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    args, accelerator, speeds = paired(__doc__.split("\n\n")[0], lambda a, accelerator, sync: run(a.steps, accelerator, sync))
     lazy, eager = statistics.median(speeds[False]), statistics.median(speeds[True])
     print(f"{cpu_name() if accelerator == 'cpu' else args.device}: {lazy:.2f} steps/s with the guard read at the logging interval, "
           f"{eager:.2f} with a host sync every step: ratio {lazy / eager:.3f} ({args.rounds} rounds of {args.steps} steps, "

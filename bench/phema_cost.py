@@ -28,8 +28,7 @@ def measure(args: argparse.Namespace, accelerator: str, posthoc: bool) -> float:
 
 
 def main() -> None:
-    args, speeds = paired(__doc__.split("\n\n")[0], measure, every=10)
-    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    args, accelerator, speeds = paired(__doc__.split("\n\n")[0], measure, every=10)
     plain, tracked = statistics.median(speeds[False]), statistics.median(speeds[True])
 
     print(f"{cpu_name() if accelerator == 'cpu' else args.device}: {plain:.3f} steps/s with the fixed-decay EMA, {tracked:.3f} with "

@@ -21,10 +21,16 @@ NOT_A_SETTING = re.compile(r"^(seed|ckpt_path|logger|hydra\..*|hydra/.*|paths\..
                            r"trainer\.enable_progress_bar|metrics\.(classifier_ckpt|classifiers_dir|cache_dir)|data\.(root|path))$")
 
 
-def configuration_label(replicates: Sequence[str] = ("seed",)) -> str | None:
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """key -> value of Hydra overrides as typed ("+a.b=1" -> {"a.b": "1"}); deletions (~key) left out."""
+    return dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
+
+
+def configuration_label(cfg: Any) -> str | None:
     """This job's configuration as its sweep's report names it: the values of the keys its -m sweep varies
-    ("schedule=cosine,timesteps=512"), seed, ``replicates`` and NOT_A_SETTING left out; a single run: its settings
-    overrides ("defaults" if none); None outside a Hydra run. Runs with one label are seeds of one configuration."""
+    ("schedule=cosine,timesteps=512"), seed, the run config's report.replicates and NOT_A_SETTING left out; a single
+    run: its settings overrides ("defaults" if none); None outside a Hydra run. Runs with one label are seeds of one
+    configuration."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -33,7 +39,8 @@ def configuration_label(replicates: Sequence[str] = ("seed",)) -> str | None:
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
-    given = dict(o.lstrip("+").split("=", 1) for o in hc.overrides.task if "=" in o and not o.startswith("~"))
+    replicates = list((cfg.get("report") or {}).get("replicates") or ["seed"])
+    given = parse_overrides(hc.overrides.task)
     settings = {k: v for k, v in given.items() if not NOT_A_SETTING.match(k) and k not in replicates}
     if hc.mode == RunMode.MULTIRUN:
         try:  # the sweep's own command line says which keys it varies

@@ -47,7 +47,7 @@ def data_identity(model: DiffusionModel, cfg: DictConfig, datamodule: Any) -> di
 
 def started_loggers(cfg: DictConfig) -> list[Any]:
     loggers = instantiate_group(cfg.get("logger"))
-    start_loggers(loggers, to_container(cfg), configuration_label(list((cfg.get("report") or {}).get("replicates") or ["seed"])))
+    start_loggers(loggers, to_container(cfg), configuration_label(cfg))
     return loggers
 
 
@@ -59,11 +59,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = SamplingSpec.from_config(cfg)
     if "wandb" in (cfg.get("logger") or {}):
         use_wandb_offline_without_key()
-    model = load_model(cfg.ckpt, ema_length=ema_length(cfg), search_dir=Path(cfg.paths.log_dir) / "train")
+    weights = ema_length(cfg)
+    model = load_model(cfg.ckpt, ema_length=weights, search_dir=Path(cfg.paths.log_dir) / "train")
     data_cfg = to_container(cfg.data) if cfg.get("data") else dict(model.config["data"])
     out_dir = Path(cfg.paths.output_dir)
     sampling = {k: v for k, v in spec.bind(model).record().items() if k != "steps_requested"}  # what runs, not what was typed
-    key = run_key({"ckpt": str(model.source.resolve()), "mtime": model.source.stat().st_mtime, "ema_length": ema_length(cfg), "n": cfg.n,
+    key = run_key({"ckpt": str(model.source.resolve()), "mtime": model.source.stat().st_mtime, "ema_length": weights, "n": cfg.n,
                    "sampling": sampling, "metrics": to_container(cfg.metrics), "data": data_cfg})
 
     previous = find_reusable(key, sweep_dir(), out_dir)
@@ -88,7 +89,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return module.results
     values = module.results
     row = {**score_row(module.plan, cfg.n, mcfg.feature, values, module.seconds, trainer.world_size,
-                     context.scorer), "ema_length": ema_length(cfg),
+                     context.scorer), "ema_length": weights,
            "run_key": key, "reused_from": None}
     reference = None
     if cfg.get("reference", True):

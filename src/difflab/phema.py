@@ -13,7 +13,7 @@ profile's standard deviation relative to its age: 0.05 at step 10,000 averages o
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import os
 import re
@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from difflab.errors import CheckpointError, ConfigError
-
-log = logging.getLogger(__name__)
+from difflab.validate import integer
 
 FOLDER = "phema"  # in the run folder, beside checkpoints/
 # a rebuilt profile may miss the asked one by this relative L2 distance (the solve states it exactly): at 5% the
@@ -51,9 +50,14 @@ def std_to_exp(std: Any) -> np.ndarray:
     return np.float64([np.roots([1, 7, 16 - s, 12 - s]).real.max() for s in std.ravel() ** -2]).reshape(std.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _exponent(std: float) -> float:  # a root finder per call: once per length, not once per training step
+    return float(std_to_exp(std))
+
+
 def beta(std: float, t: int) -> float:
     # EDM2 Eq. 127: beta_t = (1 - 1/t)^(g + 1), t the steps so far with this one (beta_1 = 0: the first weights)
-    return float((1 - 1 / t) ** (std_to_exp(std) + 1))
+    return (1 - 1 / t) ** (_exponent(float(std)) + 1)
 
 
 def inner(a_t: Any, a_std: Any, b_t: Any, b_std: Any) -> np.ndarray:
@@ -171,8 +175,8 @@ class PostHocEMA(L.Callback):
         if (every_n_steps is None) == (every_n_images is None):
             raise ConfigError("callbacks.posthoc_ema: give one of every_n_steps or every_n_images (e.g. every_n_steps=100)")
         for key, value in (("every_n_steps", every_n_steps), ("every_n_images", every_n_images)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"callbacks.posthoc_ema.{key}={value!r}: a whole number of 1 or more")
+            if value is not None:
+                integer(f"callbacks.posthoc_ema.{key}", value, 1)
         self.stds, self.every_n_steps, self.every_n_images = stds, every_n_steps, every_n_images
         self.step = 0  # the optimizer steps averaged in
         self.images = 0  # the training images seen at self.step, over all ranks

@@ -28,7 +28,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.config import NOT_A_SETTING
+from difflab.config import NOT_A_SETTING, parse_overrides
 from difflab.errors import DifflabError
 from difflab.metrics.intervals import (
     FrechetToReal,
@@ -78,6 +78,11 @@ class Run:
     @property
     def seed(self) -> int | None:
         return (self.summary.get("config") or {}).get("seed")
+
+    @property
+    def unit(self) -> str:
+        """What its replicates are called in the report."""
+        return "seeds" if self.replicates == ("seed",) else "replicates"
 
     @property
     def key(self) -> tuple[Any, ...] | str:
@@ -159,7 +164,7 @@ def read_runs(paths: Sequence[str | Path], left_out: list[tuple[Path, str]] | No
             continue
         overrides_file = path.parent / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-        parsed = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
+        parsed = parse_overrides(overrides)
         runs.append(Run(path.parent, "train" if path.name == "final.json" else "evaluate", summary,
                         {k: v for k, v in parsed.items() if not NOT_A_SETTING.match(k)}, parsed))
     if left_out is not None:
@@ -252,7 +257,7 @@ def difference(config: Configuration, base: Configuration, figure: str, draws: i
     if not a or not b:
         return None
     common = sorted((k for k in set(a) & set(b) if isinstance(k, tuple)), key=str)
-    unit = "seeds" if config.runs[0].replicates == ("seed",) else "replicates"
+    unit = config.runs[0].unit
     if len(a) >= 2 and len(b) >= 2:
         if len(common) >= 2:
             found = t_interval([a[s] - b[s] for s in common])
@@ -328,7 +333,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, bas
     out.mkdir(parents=True, exist_ok=True)
     kind = runs[0].kind
     figures = [f for f in FIGURES if any(f in r.row for r in runs)]
-    unit = "seeds" if runs[0].replicates == ("seed",) else "replicates"
+    unit = runs[0].unit
 
     head = ["configuration", unit] + (["steps", "wall time", "images seen", "val/loss"] if kind == "train" else [])
     head += [FIGURES[f][0] for f in figures] + ["weakest class"]
@@ -370,12 +375,12 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, bas
         power.append(smallest)
 
     plots = _plots(configs, kind, out) + _by_setting(configs, figures, draws, out)
-    counts = sorted({len(c.runs) for c in configs})
+    sizes = sorted({len(c.runs) for c in configs})
     what = {"seeds": "Seeds", "replicates": f"Replicates ({', '.join(runs[0].replicates)})"}[unit]
     command = command or "python -m difflab.report " + " ".join(str(p) for p in paths) + (f' --baseline "{baseline}"' if baseline else "") \
         + (f" --replicates {','.join(replicates)}" if tuple(replicates) != ("seed",) else "")
     text = [f"# Report: {len(runs)} {'training runs' if kind == 'train' else 'evaluations'} in {len(configs)} configurations",
-            "", f"Folders: {', '.join(str(p) for p in paths)}. {what} per configuration: {', '.join(map(str, counts))}. "
+            "", f"Folders: {', '.join(str(p) for p in paths)}. {what} per configuration: {', '.join(map(str, sizes))}. "
             f"Features: {runs[0].row.get('feature', '?')}, n = {runs[0].row.get('n', '?')} samples per run "
             f"({runs[0].row.get('sampler', '?')} {runs[0].row.get('steps', '')} steps, guidance {runs[0].row.get('guidance', '?')}).",
             "", f"Regenerate: `{command}`", ""]

@@ -116,7 +116,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         integer("frames", cfg.frames, 1, " (or gif=false)")
     spec = SamplingSpec.from_config(cfg)
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt, ema_length=ema_length(cfg), search_dir=Path(cfg.paths.log_dir) / "train").to(device)
+    weights = ema_length(cfg)
+    model = load_model(cfg.ckpt, ema_length=weights, search_dir=Path(cfg.paths.log_dir) / "train").to(device)
     plan = spec.bind(model)  # palette=data: the model's training images, read before sampling
     class_names = model.class_names if model.num_classes else []
     if not model.num_classes and (cfg.label is not None or cfg.context is not None):
@@ -149,7 +150,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if cfg.gif:
         files["chain"] = save_gif([grid(x, nrow) for x in out.chain], folder / "chain.gif")
         files["x0_chain"] = save_gif([grid(x, nrow) for x in out.x0_chain], folder / "x0_chain.gif")
-    meta = {"checkpoint": str(model.source), "n": n_total, "rows": captions, "ema_length": ema_length(cfg), "device": str(device), **record,
+    meta = {"checkpoint": str(model.source), "n": n_total, "rows": captions, "ema_length": weights, "device": str(device), **record,
             "seconds": round(seconds, 3), "images_per_second": round(n_total / seconds, 2)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     files["meta"] = folder / "meta.json"

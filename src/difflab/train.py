@@ -159,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     note = global_batch_note(trainer.world_size, cfg.data.batch_size, cfg.optim.optimizer.get("lr"))
     if note:
         rank_zero_warn(note)
-    start_loggers(loggers, to_container(cfg), configuration_label(list((cfg.get("report") or {}).get("replicates") or ["seed"])))
+    start_loggers(loggers, to_container(cfg), configuration_label(cfg))
 
     env = dict(os.environ)
     out = Path(cfg.paths.output_dir)
