@@ -1,7 +1,8 @@
-"""Samples beside real sprites of the same class: python bench/beside_real.py <samples.npz> <out.png> [--real 4]
+"""Samples beside real images of the same class: python bench/beside_real.py <samples.npz> <out.png> [--real 4]
+[--data cifar10 --data-root <folder> --unverified]
 
 One row per class: the samples made for that class (sample.py label=all writes them class by class), a gap, then
-``--real`` random real training sprites of the class (seeded). The grids of docs/results.md are made with it.
+``--real`` random real training images of the class (seeded). The grids of docs/results.md are made with it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ from difflab.images import grid, save_png
 SPRITES = PROJECT_ROOT / "data" / "sprites" / "pixel_sprites_16x16.npz"
 
 
-def beside_real(samples: np.ndarray, labels: np.ndarray, per_class: int, real: int, seed: int = 0) -> np.ndarray:
-    """(N, H, W, 3) uint8 samples, (N,) class indices -> one grid image, a row per class: samples | real sprites."""
-    data = np.load(SPRITES)
-    real_images, real_labels = data["images"], data["labels"].argmax(1)
+def real_set(data: str, root: str | None = None, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 real training images and their (N,) class indices: the shipped sprites or CIFAR-10."""
+    if data == "cifar10":
+        from difflab.data.cifar10 import load_cifar10
+
+        ds = load_cifar10(root or PROJECT_ROOT / "data" / "cifar10", train=True, download=False, verify_checksums=verify)
+        return ds.data, np.asarray(ds.targets)
+    with np.load(SPRITES) as z:
+        return z["images"], z["labels"].argmax(1)
+
+
+def beside_real(samples: np.ndarray, labels: np.ndarray, per_class: int, real: int, seed: int = 0,
+                reals: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 samples, (N,) class indices -> one grid image, a row per class: samples | real images
+    (``reals``: (images, class indices); default the shipped sprites)."""
+    real_images, real_labels = reals if reals is not None else real_set("sprites")
     rng = np.random.default_rng(seed)
     blank = np.full((1, *samples.shape[1:]), 255, np.uint8)
     rows = []
@@ -37,9 +50,13 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--real", type=int, default=4)
+    parser.add_argument("--data", choices=["sprites", "cifar10"], default="sprites")
+    parser.add_argument("--data-root", default=None, help="CIFAR-10: the folder holding cifar-10-batches-py (default data/cifar10)")
+    parser.add_argument("--unverified", action="store_true", help="CIFAR-10: skip torchvision's md5 checks (a trusted local copy)")
     args = parser.parse_args()
     z = np.load(args.samples)
-    save_png(beside_real(z["images"], z["labels"].argmax(1), args.per_class, args.real), args.out)
+    reals = real_set(args.data, args.data_root, not args.unverified)
+    save_png(beside_real(z["images"], z["labels"].argmax(1), args.per_class, args.real, reals=reals), args.out)
     print(args.out)
 
 

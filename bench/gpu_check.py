@@ -17,7 +17,10 @@ own processes) and writes one report, <out>/gpu_check.md (and .json):
      side (in bf16 the kernels round differently, so the figures are compared with the seed-to-seed spread, not equality);
   6. bench/bench.py on the device, ours against the peers (needs requirements-bench.txt; skipped with --skip-bench);
   7. edit.py on the device: inpainting with the shipped inpainting model keeps every kept pixel exactly and matches the
-     CPU within the bound of 4; variations and interpolation run and write their results.
+     CPU within the bound of 4; variations and interpolation run and write their results;
+  8. CIFAR-10: experiment=cifar10 (the DDPM network, bf16-mixed where the device runs it; CPU mode: unet_tiny on 256
+     images) for a few hundred steps: images per second after warm-up, the loss going down, and the checkpoint sampling
+     with sample.py (needs CIFAR-10 in --cifar-root).
 The script exits 1 when a check fails.
 """
 
@@ -58,6 +61,32 @@ class SignalAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class ImagesPerSecond(L.Callback):
+    """train.py +callbacks.speed._target_=gpu_check.ImagesPerSecond: training images per second from step ``warmup`` to
+    the last step (start-up, compilation and the first steps' allocations left out), written to the json file ``out``."""
+
+    def __init__(self, warmup: int, out: str) -> None:
+        self.warmup, self.out, self.start = warmup, Path(out), None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.start is not None and trainer.is_global_zero:
+            seconds, steps = time.perf_counter() - self.start[0], trainer.global_step - self.start[1]
+            batch = trainer.datamodule.batch_size * trainer.world_size
+            self.out.write_text(
+                json.dumps({"images_per_second": steps * batch / seconds, "steps": steps, "batch": batch}))
+
+
+def logged_losses(run: Path) -> list[float]:
+    import csv
+
+    return [float(r["train/loss"]) for m in sorted(run.glob("csv/version_*/metrics.csv")) for r in csv.DictReader(m.open())
+            if r.get("train/loss")]
 
 
 class Check:
@@ -127,6 +156,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="report folder (default logs/gpu_check/<time>)")
     p.add_argument("--steps", type=int, default=0, help="training steps per precision (default 200 on CUDA, 8 on CPU)")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--cifar-root", type=Path, default=ROOT / "data" / "cifar10", help="the folder holding cifar-10-batches-py")
+    p.add_argument("--cifar-unverified", action="store_true", help="data.verify_checksums=false: a trusted copy rebuilt from other sources")
     args = p.parse_args()
     cuda = not args.cpu
     if cuda and not torch.cuda.is_available():
@@ -150,13 +181,8 @@ def main() -> None:
         proc, seconds = check.run(f"train_{precision}", *train_args(run, accelerator, small, f"trainer.precision={precision}",
                                                                     f"trainer.max_steps={steps}", "trainer.devices=1"))
         ok = proc.returncode == 0 and (run / "checkpoints" / "last.ckpt").is_file()
-        losses = []
-        if ok:
-            import csv
-
-            for metrics in run.glob("csv/version_*/metrics.csv"):
-                losses += [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
-            ok = bool(losses) and np.isfinite(losses).all()
+        losses = logged_losses(run) if ok else []
+        ok = ok and bool(losses) and bool(np.isfinite(losses).all())
         speed[precision] = steps / seconds
         check.record(f"train {precision}", ok, f"{steps} steps in {seconds:.1f} s (process included), last logged loss "
                                               f"{losses[-1] if losses else float('nan'):.4f}")
@@ -256,6 +282,34 @@ def main() -> None:
         bench = ["bench/bench.py", "--device", device, "--out", str(out / "bench")] + ([] if cuda else ["--quick", "--models", "ours"])
         proc, seconds = check.run("bench", *bench, timeout=1800)
         check.record("bench.py", proc.returncode == 0, f"{seconds:.0f} s; tables in {out / 'bench'}")
+
+    # 8. CIFAR-10: the GPU recipe's network for a few hundred steps (CPU mode: unet_tiny on 256 images)
+    cifar_steps, warm, lr_warmup = (300, 50, 100) if cuda else (60, 10, 10)
+    run, speed_file = out / "cifar10", out / "cifar10_images_per_second.json"
+    size = [] if cuda else ["model=unet_tiny", "data.limit=256", "data.batch_size=16"]
+    precision = "bf16-mixed" if (cuda_has_bf16() if cuda else cpu_has_bf16()) else "32"
+    # the recipe warms its LR up over 5000 steps; 100 here (10 on the CPU), so that these few steps show the loss falling
+    proc, seconds = check.run("cifar10", "train.py", "experiment=cifar10", *size, f"data.root={args.cifar_root}",
+                              f"data.verify_checksums={str(not args.cifar_unverified).lower()}", f"trainer.accelerator={accelerator}",
+                              "trainer.devices=1", f"trainer.precision={precision}", f"trainer.max_steps={cifar_steps}",
+                              f"optim.lr_scheduler.scheduler.warmup_steps={lr_warmup}", "final_eval=none", "callbacks=[ema,model_checkpoint]",
+                              "+callbacks.speed._target_=gpu_check.ImagesPerSecond", f"+callbacks.speed.warmup={warm}",
+                              f"+callbacks.speed.out={speed_file}",
+                              "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+                              "logger=csv", f"hydra.run.dir={run}", env={"PYTHONPATH": str(ROOT / "bench")}, timeout=1800)
+    losses = logged_losses(run) if proc.returncode == 0 else []
+    k = max(len(losses) // 5, 1)
+    first, last = (float(np.mean(losses[:k])), float(np.mean(losses[-k:]))) if losses else (float("nan"), float("nan"))
+    images_s = json.loads(speed_file.read_text())["images_per_second"] if speed_file.is_file() else float("nan")
+    check.record(f"cifar10 train {precision}", proc.returncode == 0 and last < first,
+                 f"{cifar_steps} steps, {images_s:.1f} images/s after step {warm}; mean loss of the first and last fifth of the "
+                 f"steps {first:.4f} -> {last:.4f}" if proc.returncode == 0 else f"train.py failed (see {out / 'cifar10.log'})")
+    made = out / "cifar10_sample"
+    proc, seconds = check.run("cifar10_sample", "sample.py", f"ckpt={run}", "n=2", "label=all", "gif=false", "steps=10",
+                              f"device={device}", f"hydra.run.dir={made}")
+    images = np.load(made / "samples.npz")["images"] if proc.returncode == 0 else np.zeros((0,))
+    check.record("cifar10 sample.py", images.shape == (20, 32, 32, 3), f"{len(images)} images of {images.shape[1:]} in "
+                 f"{seconds:.1f} s (process included)")
 
     speeds = ", ".join(f"{p} {s:.1f} steps/s" for p, s in speed.items())
     lines = [f"# GPU check: {info['device']}" + (f" x{gpus} (compute capability {info['capability']})" if cuda else " (CPU mode)"),

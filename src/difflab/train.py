@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_warn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from difflab.budget import RunClock, TimeBudget
 from difflab.checkpoint import check_compatible, load_checkpoint, net_state_dict, resolve_checkpoint, with_cond_inputs
@@ -53,6 +53,18 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler, _convert_="all"),
     )
+
+
+def take_model_from_init(cfg: DictConfig) -> None:
+    """A fine-tune of any model (model_from_init: true): the network, schedule and objective of init_from's run, not the
+    experiment's defaults, so `init_from=<run>` alone is enough whatever width or objective that run trained."""
+    saved = load_checkpoint(resolve_checkpoint(cfg.init_from, Path(cfg.paths.log_dir)))["difflab_config"]
+    with open_dict(cfg):
+        for key in ("model", "schedule", "objective", "timesteps"):
+            if key in saved:
+                cfg[key] = saved[key]
+    log.info(f"fine-tuning init_from's own model: {cfg.model._target_} (base_channels {cfg.model.get('base_channels')}), "
+             f"{cfg.schedule._target_}, {cfg.objective._target_}")
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
@@ -125,6 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("require_init_from") and not cfg.get("init_from"):
         raise ConfigError("this experiment fine-tunes a trained model: add init_from=<checkpoint file | run dir | last>")
+    if cfg.get("model_from_init") and cfg.get("init_from"):
+        take_model_from_init(cfg)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     n_params = sum(p.numel() for p in module.net.parameters())
